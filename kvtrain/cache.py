@@ -1,0 +1,204 @@
+"""`CompressedCache`: a transformers 5.x `Cache` whose layers compress their keys and values.
+
+The rules it follows (see docs/platform.md §2): `update` returns every stored key plus the new ones for
+the current forward, so the current queries see everything; compression happens *after* that forward's
+attention (the registered ``kvtrain`` attention function calls back into the layer), on the stored set
+only. `get_seq_length` counts tokens seen (RoPE positions and `generate`'s prompt slicing depend on it);
+`get_mask_sizes` describes exactly the keys `update` returns. Positions stay absolute: keys are stored
+post-RoPE and never re-rotated.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvtrain.attention import attend_with_stored, key_validity, use_kvtrain_attention
+from kvtrain.compress import EventRecord, LayerCompressor, StoredKV
+from kvtrain.config import KVCompressionConfig
+from kvtrain.models import check_supported
+from kvtrain.rope import rope_theta
+
+# The layer whose `update` ran last and whose attention is still due; the attention function picks it up.
+_AWAITING_ATTENTION: contextvars.ContextVar["CompressedLayer | None"] = contextvars.ContextVar(
+    "kvtrain_awaiting_attention", default=None
+)
+
+
+def layer_awaiting_attention(layer_idx: int) -> "CompressedLayer | None":
+    layer = _AWAITING_ATTENTION.get()
+    if layer is not None and layer.layer_idx == layer_idx and layer._pending is not None:
+        return layer
+    return None
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's compressed KV store (a dense layer when `compressor` is None)."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, layer_idx: int, compressor: LayerCompressor | None, rope_theta: float, record: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.compressor = compressor
+        self.rope_theta = rope_theta
+        self.record = record
+        self.records: list[EventRecord] = []
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.stored: StoredKV | None = None
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+        self.decode_steps = 0
+        self.last_event_position = -1
+        self.queries: Tensor | None = None  # rolling window of the last post-RoPE queries [b, h_q, w, d]
+        self.rope_offset: Tensor | None = None  # left-pad count per row
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------------ CacheLayerMixin API
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        merging = self.compressor is not None and self.compressor.merger is not None
+        self.stored = StoredKV.empty(key_states, merging)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self._pending is not None:
+            raise RuntimeError(
+                "CompressedCache layer was updated twice without an attention call in between: the model must "
+                "use attn_implementation='kvtrain' (call kvtrain.attention.use_kvtrain_attention(model) or build "
+                "the cache with CompressedCache.for_model)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = (key_states, value_states)
+        _AWAITING_ATTENTION.set(self)
+        return (
+            torch.cat([self.stored.keys, key_states], dim=2),
+            torch.cat([self.stored.values, value_states], dim=2),
+        )
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = 0 if self.stored is None else self.stored.length
+        return stored + query_length, self.seen - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_state()
+        self.records = []
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped: evicted tokens are gone")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with CompressedCache")
+
+    # ------------------------------------------------------------------ called by the attention function
+    def attend(self, query: Tensor, attention_mask: Tensor | None, scaling: float) -> Tensor:
+        """Attention of this forward's queries over stored + new keys, then store and maybe compress."""
+        new_keys, new_values = self._pending
+        new_valid = key_validity(attention_mask, new_keys.shape[2], batch=query.shape[0], device=query.device)
+        out = attend_with_stored(
+            query,
+            self.stored.keys,
+            self.stored.values,
+            self.stored.attention_bias(),
+            new_keys,
+            new_values,
+            new_valid,
+            scaling,
+        )
+        self._after_attention(query, new_valid, scaling)
+        return out
+
+    def _after_attention(self, query: Tensor, new_valid: Tensor, scaling: float) -> None:
+        new_keys, new_values = self._pending
+        self._pending = None
+        q_len = new_keys.shape[2]
+        first = self.seen
+        self.stored = self.stored.append(new_keys, new_values, first, new_valid)
+        self.seen += q_len
+        pads = (~new_valid).sum(dim=1)
+        self.rope_offset = pads if self.rope_offset is None else self.rope_offset + pads
+        if self.compressor is None:
+            self._sync()
+            return
+        window = self.compressor.policy.query_window
+        queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
+        self.queries = queries[:, :, -window:].detach()
+        if q_len > 1:  # a prefill chunk
+            self.decode_steps = 0
+            due = self.compressor.policy.schedule.compress_prefill
+        else:
+            self.decode_steps += 1
+            due = self.decode_steps % self.compressor.policy.schedule.interval == 0
+        if due:
+            n_window = self.queries.shape[2]
+            positions = torch.arange(self.seen - n_window, self.seen, device=query.device)
+            self.stored, record = self.compressor(
+                self.stored,
+                self.queries,
+                positions,
+                self.rope_offset,
+                tokens_seen=self.seen,
+                last_event_position=self.last_event_position,
+                scaling=scaling,
+                rope_theta=self.rope_theta,
+            )
+            self.last_event_position = self.seen - 1
+            if record is not None and self.record:
+                self.records.append(record)
+        self._sync()
+
+    def _sync(self) -> None:
+        self.keys, self.values = self.stored.keys, self.stored.values
+
+
+class CompressedCache(Cache):
+    """A `Cache` of `CompressedLayer`s configured by a `KVCompressionConfig`.
+
+    Use `CompressedCache.for_model(model, config)`, which also switches the model to the ``kvtrain``
+    attention function, and pass it to `model.generate(past_key_values=cache)` or to forward calls.
+    """
+
+    def __init__(
+        self, config: KVCompressionConfig, num_layers: int, *, rope_theta: float = 10000.0, record: bool = False
+    ):
+        self.compression_config = config
+        layers = []
+        for i in range(num_layers):
+            policy = config.layer_policy(i, num_layers)
+            compressor = LayerCompressor(policy) if policy is not None else None
+            layers.append(CompressedLayer(i, compressor, rope_theta, record))
+        super().__init__(layers=layers)
+
+    @classmethod
+    def for_model(cls, model, config: KVCompressionConfig, *, record: bool = False) -> "CompressedCache":
+        check_supported(model.config)
+        use_kvtrain_attention(model)
+        return cls(config, model.config.num_hidden_layers, rope_theta=rope_theta(model.config), record=record)
+
+    @property
+    def records(self) -> list[list[EventRecord]]:
+        """Per layer, the kept positions after each compression event (when built with record=True)."""
+        return [layer.records for layer in self.layers]
+
+    def stored_tokens(self) -> list[Tensor]:
+        """Per layer, the number of valid stored tokens per (row, KV head): [b, h_kv] each."""
+        return [layer.stored.valid.sum(dim=2) for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored keys and values (the cache itself, not policy bookkeeping)."""
+        return sum(l.stored.keys.nbytes + l.stored.values.nbytes for l in self.layers if l.stored is not None)

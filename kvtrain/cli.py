@@ -1,0 +1,164 @@
+"""`kvtrain` command line: prepare-model, generate, eval loyalty."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig, ScheduleConfig, ScorerConfig
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compression (a --config file, with any flag below overriding it)")
+    group.add_argument("--config", type=Path, help="KVCompressionConfig as JSON or YAML")
+    group.add_argument("--scorer", help="eviction policy, e.g. snapkv, gkv, expected_attention, streaming")
+    group.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="scorer hyperparameter")
+    group.add_argument("--budget", type=int, help="tokens kept per KV head")
+    group.add_argument("--ratio", type=float, help="fraction of tokens evicted (instead of --budget)")
+    group.add_argument("--sinks", type=int)
+    group.add_argument("--recent", type=int)
+    group.add_argument("--window", type=int, help="observation window (queries) for scoring")
+    group.add_argument("--interval", type=int, help="compress every N decode steps")
+    group.add_argument("--prefill-chunk", type=int, help="chunked prefill size (caps peak cache memory)")
+    group.add_argument("--selection", choices=["per_head", "per_layer", "head_adaptive"])
+    group.add_argument("--keepkv", action="store_true", help="merge evicted entries (KeepKV) instead of dropping them")
+
+
+def compression_config(args: argparse.Namespace) -> KVCompressionConfig:
+    data = KVCompressionConfig.load(args.config).to_dict() if args.config else KVCompressionConfig().to_dict()
+    if args.scorer:
+        data["scorer"] = {"name": args.scorer, "params": {}}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        data["scorer"]["params"][key] = _parse_value(value)
+    if args.budget is not None:
+        data["budget"], data["compression_ratio"] = args.budget, None
+    if args.ratio is not None:
+        data["budget"], data["compression_ratio"] = None, args.ratio
+    for flag, name in [("sinks", "sinks"), ("recent", "recent"), ("window", "query_window"), ("selection", "selection")]:
+        if getattr(args, flag) is not None:
+            data[name] = getattr(args, flag)
+    if args.interval is not None:
+        data["schedule"]["interval"] = args.interval
+    if args.prefill_chunk is not None:
+        data["schedule"]["prefill_chunk"] = args.prefill_chunk
+    if args.keepkv:
+        data["merge"] = {"name": "keepkv", "threshold": MergeConfig().threshold, "ema_alpha": MergeConfig().ema_alpha}
+    return KVCompressionConfig.from_dict(data, source="command line")
+
+
+def _parse_value(text: str):
+    """Numbers, booleans, lists and null as JSON; anything else is a plain string (e.g. a path)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> None:
+    from kvtrain.models import prepare_model
+
+    print(prepare_model(args.name, force=args.force))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from kvtrain.cache import CompressedCache
+    from kvtrain.eval.loyalty import full_cache_bytes_per_token
+    from kvtrain.models import load_model
+
+    config = compression_config(args)
+    model, tokenizer = load_model(args.model)
+    if args.chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt")
+    cache = CompressedCache.for_model(model, config)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    seen = cache.get_seq_length()
+    kept = torch.stack([n.float().mean() for n in cache.stored_tokens()])
+    full = full_cache_bytes_per_token(model) * seen
+    print(
+        f"\n[kvtrain] tokens seen {seen}; kept per KV head: mean {kept.mean():.1f} (min {kept.min():.0f}, "
+        f"max {kept.max():.0f}); cache {cache.nbytes() / 2**20:.2f} MiB vs full {full / 2**20:.2f} MiB "
+        f"({cache.nbytes() / full:.1%})",
+        file=sys.stderr,
+    )
+
+
+def cmd_eval_loyalty(args: argparse.Namespace) -> None:
+    from kvtrain.data import load_texts, token_blocks
+    from kvtrain.eval.loyalty import evaluate_loyalty
+    from kvtrain.eval.report import print_table
+    from kvtrain.io import atomic_write_text
+    from kvtrain.models import load_model
+
+    config = compression_config(args)
+    model, tokenizer = load_model(args.model)
+    texts = load_texts(args.data, split=args.split)
+    blocks = token_blocks(tokenizer, texts, args.context_len + args.continuation_len, n_blocks=args.samples)
+    result = evaluate_loyalty(model, config, blocks, context_len=args.context_len)
+    row = {"model": args.model, "scorer": config.scorer.name, "budget": config.budget, "ratio": config.compression_ratio, **result.to_dict()}
+    print_table([row], title="loyalty (continuation tokens, vs the full cache)")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"config": config.to_dict(), "result": row}, indent=2))
+        print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="convert an embedded model (SmolLM2) to a local checkpoint once")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("generate", help="generate under a compressed cache; prints kept tokens and cache bytes")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, Hub id or local path")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
+    add_compression_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluation suites")
+    suites = p.add_subparsers(dest="suite", required=True)
+    p = suites.add_parser("loyalty", help="KL, top-1 agreement and NLL against the full cache")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--data", default=None, help="'embedded' (default), a .txt/.jsonl file or a datasets name")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--context-len", type=int, default=512)
+    p.add_argument("--continuation-len", type=int, default=64)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--out", type=Path, help="write the result as JSON")
+    add_compression_arguments(p)
+    p.set_defaults(func=cmd_eval_loyalty)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as err:
+        print(f"kvtrain: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

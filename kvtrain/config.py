@@ -1,0 +1,271 @@
+"""`KVCompressionConfig`: one validated dataclass tree describing how every layer's KV cache is compressed.
+
+It round-trips through JSON and YAML; loading rejects unknown keys and impossible values with an error
+that names the file, the field and the value. `layer_policy(i, num_layers)` resolves the per-layer view
+(budget, overrides, dense layers) that the cache, replay and evaluation all consume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+SCHEMA_VERSION = 1
+SELECTION_MODES = ("per_head", "per_layer", "head_adaptive")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the source, field and value."""
+
+
+@dataclass
+class ScorerConfig:
+    """Which registered scorer ranks the keys, and its hyperparameters (see kvtrain.policies)."""
+
+    name: str = "snapkv"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """KeepKV merging: evicted entries are ZIP-merged into their most similar kept key."""
+
+    name: str = "keepkv"
+    threshold: float = 0.8
+    ema_alpha: float = 0.9
+
+
+@dataclass
+class ScheduleConfig:
+    """When compression runs: after each prefill chunk, then every `interval` decode steps (G-KV style)."""
+
+    interval: int = 128
+    prefill_chunk: int | None = None  # InfiniPot-style chunked prefill: peak cache memory capped by budget+chunk
+    compress_prefill: bool = True
+
+
+@dataclass
+class LayerPolicy:
+    """The resolved compression settings of one layer (what the cache and replay consume)."""
+
+    layer_idx: int
+    budget: int | None  # tokens kept per KV head; None when `compression_ratio` sets it per event
+    compression_ratio: float | None
+    sinks: int
+    recent: int
+    scorer: ScorerConfig
+    selection: str
+    safeguard: float
+    query_window: int
+    whitelist: list[tuple[int, int]]
+    fair_spans: list[tuple[int, int]]
+    merge: MergeConfig | None
+    schedule: ScheduleConfig
+
+    def budget_at(self, tokens_seen: int) -> int:
+        """Tokens each KV head keeps after an event at which `tokens_seen` tokens have been seen."""
+        if self.budget is not None:
+            return self.budget
+        kept = math.ceil((1.0 - self.compression_ratio) * tokens_seen)
+        return max(kept, self.sinks + self.recent, 1)
+
+
+# Fields a per-layer override may change.
+_OVERRIDABLE = (
+    "budget",
+    "compression_ratio",
+    "sinks",
+    "recent",
+    "scorer",
+    "selection",
+    "safeguard",
+    "query_window",
+)
+
+
+@dataclass
+class KVCompressionConfig:
+    """How the KV cache of every layer is compressed.
+
+    Exactly one of `budget` (tokens kept per KV head after each compression event) and
+    `compression_ratio` (fraction of the tokens seen that is evicted, the kvpress convention) is set.
+    """
+
+    budget: int | None = 512
+    compression_ratio: float | None = None
+    sinks: int = 4
+    recent: int = 16
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    selection: str = "per_head"
+    safeguard: float = 0.2
+    query_window: int = 16
+    layer_budgets: Union[str, list[int]] = "uniform"  # "uniform", "pyramid", a JSON file path, or a list
+    whitelist: list[tuple[int, int]] = field(default_factory=list)  # column spans always kept
+    fair_spans: list[tuple[int, int]] = field(default_factory=list)  # spans with proportional quotas
+    merge: MergeConfig | None = None
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    dense_layers: list[int] = field(default_factory=list)  # layers left uncompressed
+    layers: dict[int, dict[str, Any]] = field(default_factory=dict)  # per-layer overrides
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "config") -> None:
+        def fail(name: str, value: Any, why: str) -> None:
+            raise ConfigError(f"{source}: field {name!r} = {value!r}: {why}")
+
+        if self.schema_version != SCHEMA_VERSION:
+            fail("schema_version", self.schema_version, f"this kvtrain reads schema version {SCHEMA_VERSION}")
+        if (self.budget is None) == (self.compression_ratio is None):
+            fail("budget", self.budget, "set exactly one of 'budget' and 'compression_ratio'")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            fail("budget", self.budget, "must be a positive integer number of tokens")
+        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
+            fail("compression_ratio", self.compression_ratio, "must be in [0, 1): the fraction evicted")
+        for name in ("sinks", "recent"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                fail(name, getattr(self, name), "must be a non-negative integer")
+        if self.budget is not None and self.sinks + self.recent > self.budget:
+            fail("budget", self.budget, f"smaller than sinks + recent = {self.sinks + self.recent}")
+        if self.selection not in SELECTION_MODES:
+            fail("selection", self.selection, f"must be one of {SELECTION_MODES}")
+        if not 0.0 <= self.safeguard <= 1.0:
+            fail("safeguard", self.safeguard, "must be in [0, 1]")
+        if not isinstance(self.query_window, int) or self.query_window < 1:
+            fail("query_window", self.query_window, "must be a positive integer")
+        if not isinstance(self.schedule.interval, int) or self.schedule.interval < 1:
+            fail("schedule.interval", self.schedule.interval, "must be a positive integer")
+        chunk = self.schedule.prefill_chunk
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            fail("schedule.prefill_chunk", chunk, "must be a positive integer or null")
+        for name in ("whitelist", "fair_spans"):
+            for span in getattr(self, name):
+                if len(span) != 2 or not 0 <= span[0] < span[1]:
+                    fail(name, span, "each span must be [start, end) with 0 <= start < end")
+        if self.merge is not None and not 0.0 < self.merge.ema_alpha < 1.0:
+            fail("merge.ema_alpha", self.merge.ema_alpha, "must be in (0, 1)")
+        if self.merge is not None and self.merge.name != "keepkv":
+            fail("merge.name", self.merge.name, "the only merging method is 'keepkv'")
+        if isinstance(self.layer_budgets, list) and not all(isinstance(b, int) and b > 0 for b in self.layer_budgets):
+            fail("layer_budgets", self.layer_budgets, "must be positive integers")
+        for idx, override in self.layers.items():
+            unknown = set(override) - set(_OVERRIDABLE)
+            if unknown:
+                fail(f"layers.{idx}", sorted(unknown), f"per-layer overrides may only set {_OVERRIDABLE}")
+        from kvtrain.policies import SCORERS
+
+        for where, scorer in [("scorer", self.scorer)] + [
+            (f"layers.{i}.scorer", o["scorer"]) for i, o in self.layers.items() if "scorer" in o
+        ]:
+            scorer = scorer if isinstance(scorer, ScorerConfig) else ScorerConfig(**scorer)
+            if scorer.name not in SCORERS:
+                fail(f"{where}.name", scorer.name, f"unknown scorer; registered: {sorted(SCORERS)}")
+            cls = SCORERS[scorer.name]
+            unknown = set(scorer.params) - cls.field_names()
+            if unknown:
+                fail(f"{where}.params", sorted(unknown), f"not parameters of {scorer.name!r}: {sorted(cls.field_names())}")
+
+    # ------------------------------------------------------------------ per layer
+    def layer_policy(self, layer_idx: int, num_layers: int) -> LayerPolicy | None:
+        """The settings of one layer, or None for a dense (uncompressed) layer."""
+        if layer_idx in self.dense_layers:
+            return None
+        values = {name: getattr(self, name) for name in _OVERRIDABLE}
+        if self.budget is not None:
+            from kvtrain.policies.budgets import layer_budgets
+
+            values["budget"] = layer_budgets(self.layer_budgets, num_layers, self.budget)[layer_idx]
+        values.update(self.layers.get(layer_idx, {}))
+        scorer = values["scorer"]
+        if isinstance(scorer, dict):
+            scorer = ScorerConfig(**scorer)
+        return LayerPolicy(
+            layer_idx=layer_idx,
+            budget=values["budget"],
+            compression_ratio=values["compression_ratio"],
+            sinks=values["sinks"],
+            recent=values["recent"],
+            scorer=scorer,
+            selection=values["selection"],
+            safeguard=values["safeguard"],
+            query_window=values["query_window"],
+            whitelist=[tuple(s) for s in self.whitelist],
+            fair_spans=[tuple(s) for s in self.fair_spans],
+            merge=self.merge,
+            schedule=self.schedule,
+        )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["whitelist"] = [list(s) for s in self.whitelist]
+        data["fair_spans"] = [list(s) for s in self.fair_spans]
+        data["layers"] = {str(k): v for k, v in self.layers.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "KVCompressionConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        data = dict(data)
+        nested = {"scorer": ScorerConfig, "merge": MergeConfig, "schedule": ScheduleConfig}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {sorted(unknown)}; known fields: {sorted(known)}")
+        for name, sub in nested.items():
+            value = data.get(name)
+            if isinstance(value, dict):
+                sub_known = {f.name for f in dataclasses.fields(sub)}
+                bad = set(value) - sub_known
+                if bad:
+                    raise ConfigError(f"{source}: unknown field(s) {sorted(f'{name}.{b}' for b in bad)}")
+                data[name] = sub(**value)
+            elif value is not None and not isinstance(value, sub):
+                raise ConfigError(f"{source}: field {name!r} = {value!r}: expected a mapping")
+        if "layers" in data:
+            try:
+                data["layers"] = {int(k): dict(v) for k, v in data["layers"].items()}
+            except (TypeError, ValueError, AttributeError) as err:
+                raise ConfigError(f"{source}: field 'layers' must map layer indices to overrides ({err})") from None
+        for name in ("whitelist", "fair_spans"):
+            if name in data:
+                data[name] = [tuple(s) for s in data[name]]
+        if "compression_ratio" in data and data["compression_ratio"] is not None and "budget" not in data:
+            data["budget"] = None
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("config:", f"{source}:", 1)) from None
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON or YAML (by suffix) atomically."""
+        from kvtrain.io import atomic_write_text
+
+        path = Path(path)
+        data = self.to_dict()
+        text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "KVCompressionConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the compression config ({err.strerror})") from None
+        try:
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {err}") from None
+        return cls.from_dict(data, source=str(path))

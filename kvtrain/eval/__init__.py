@@ -1,0 +1,1 @@
+"""Evaluation suites: how closely a compressed cache follows the full-cache model."""

@@ -1,0 +1,93 @@
+"""Loyalty: does the model under a compressed cache predict what the full-cache model predicts?
+
+For each sample, a context is prefilled through a `CompressedCache` (compressed at prefill and on the
+decode schedule) and the text's real continuation is teacher-forced one token at a time, exactly as it
+would be decoded. Against the full-cache model on the same tokens we report, per continuation token:
+KL(full || compressed) of the next-token distributions, top-1 agreement, the NLL of the real token under
+both, and the bytes the cache holds per token seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kvtrain.attention import use_kvtrain_attention
+from kvtrain.cache import CompressedCache
+from kvtrain.config import KVCompressionConfig
+from kvtrain.generation import teacher_forced_decode
+
+
+@dataclass
+class LoyaltyResult:
+    kl_full_to_compressed: float  # mean over continuation tokens of KL(p_full || p_compressed), nats
+    top1_agreement: float
+    nll_compressed: float
+    nll_full: float
+    cache_bytes_per_token: float
+    full_cache_bytes_per_token: float
+    samples: int
+    context_len: int
+    continuation_len: int
+
+    @property
+    def cache_fraction(self) -> float:
+        return self.cache_bytes_per_token / self.full_cache_bytes_per_token
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "cache_fraction": self.cache_fraction}
+
+
+def continuation_metrics(full_logits: Tensor, comp_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Per-token metrics; logits [n, V] predict `targets` [n]."""
+    log_full = F.log_softmax(full_logits.float(), dim=-1)
+    log_comp = F.log_softmax(comp_logits.float(), dim=-1)
+    return {
+        "kl": (log_full.exp() * (log_full - log_comp)).sum(-1),
+        "top1": (full_logits.argmax(-1) == comp_logits.argmax(-1)).float(),
+        "nll_compressed": -log_comp.gather(-1, targets[:, None])[:, 0],
+        "nll_full": -log_full.gather(-1, targets[:, None])[:, 0],
+    }
+
+
+def full_cache_bytes_per_token(model) -> int:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+
+
+@torch.no_grad()
+def evaluate_loyalty(
+    model, config: KVCompressionConfig, blocks: Tensor, *, context_len: int, progress: bool = True
+) -> LoyaltyResult:
+    """`blocks` [n, context_len + continuation_len] token ids, one sample per row."""
+    if blocks.shape[1] <= context_len:
+        raise ValueError(f"blocks have {blocks.shape[1]} tokens: no continuation after a {context_len}-token context")
+    use_kvtrain_attention(model)
+    per_token: dict[str, list[Tensor]] = {}
+    cache_bytes = []
+    for row in tqdm(blocks, desc="loyalty", disable=not progress, leave=False):
+        ids = row[None].to(model.device)
+        full = model(input_ids=ids).logits[0, context_len - 1 : -1]
+        cache = CompressedCache.for_model(model, config)
+        comp = teacher_forced_decode(model, cache, ids, prefill_len=context_len)[0, context_len - 1 : -1]
+        for name, values in continuation_metrics(full, comp, ids[0, context_len:]).items():
+            per_token.setdefault(name, []).append(values.cpu())
+        cache_bytes.append(cache.nbytes() / cache.get_seq_length())
+    means = {name: torch.cat(values).mean().item() for name, values in per_token.items()}
+    return LoyaltyResult(
+        kl_full_to_compressed=means["kl"],
+        top1_agreement=means["top1"],
+        nll_compressed=means["nll_compressed"],
+        nll_full=means["nll_full"],
+        cache_bytes_per_token=sum(cache_bytes) / len(cache_bytes),
+        full_cache_bytes_per_token=full_cache_bytes_per_token(model),
+        samples=blocks.shape[0],
+        context_len=context_len,
+        continuation_len=blocks.shape[1] - context_len,
+    )
