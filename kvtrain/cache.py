@@ -11,6 +11,7 @@ post-RoPE and never re-rotated.
 from __future__ import annotations
 
 import contextvars
+import logging
 
 import torch
 from torch import Tensor
@@ -21,6 +22,8 @@ from kvtrain.compress import EventRecord, LayerCompressor, StoredKV
 from kvtrain.config import KVCompressionConfig
 from kvtrain.models import check_supported
 from kvtrain.rope import rope_theta
+
+logger = logging.getLogger("kvtrain")
 
 # The layer whose `update` ran last and whose attention is still due; the attention function picks it up.
 _AWAITING_ATTENTION: contextvars.ContextVar["CompressedLayer | None"] = contextvars.ContextVar(
@@ -42,9 +45,12 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, compressor: LayerCompressor | None, rope_theta: float, record: bool):
+    def __init__(
+        self, layer_idx: int, compressor: LayerCompressor | None, rope_theta: float, record: bool, notices: "Notices"
+    ):
         super().__init__()
         self.layer_idx = layer_idx
+        self.notices = notices
         self.compressor = compressor
         self.rope_theta = rope_theta
         self.record = record
@@ -158,12 +164,32 @@ class CompressedLayer(CacheLayerMixin):
                 rope_theta=self.rope_theta,
             )
             self.last_event_position = self.seen - 1
+            if record is None and q_len > 1 and self.layer_idx == self.notices.first_compressed_layer:
+                self.notices.say_once(
+                    f"budget {self.compressor.policy.budget_at(self.seen)} >= the {self.seen} tokens seen: "
+                    "nothing is compressed at prefill"
+                )
             if record is not None and self.record:
                 self.records.append(record)
         self._sync()
 
     def _sync(self) -> None:
         self.keys, self.values = self.stored.keys, self.stored.values
+
+
+_SAID: set[str] = set()
+
+
+class Notices:
+    """Messages said once per process, however many layers, steps and caches run into them."""
+
+    def __init__(self, first_compressed_layer: int | None):
+        self.first_compressed_layer = first_compressed_layer
+
+    def say_once(self, message: str) -> None:
+        if message not in _SAID:
+            _SAID.add(message)
+            logger.warning(message)
 
 
 class CompressedCache(Cache):
@@ -177,11 +203,13 @@ class CompressedCache(Cache):
         self, config: KVCompressionConfig, num_layers: int, *, rope_theta: float = 10000.0, record: bool = False
     ):
         self.compression_config = config
-        layers = []
+        compressors = []
         for i in range(num_layers):
             policy = config.layer_policy(i, num_layers)
-            compressor = LayerCompressor(policy) if policy is not None else None
-            layers.append(CompressedLayer(i, compressor, rope_theta, record))
+            compressors.append(LayerCompressor(policy) if policy is not None else None)
+        compressed = [i for i, c in enumerate(compressors) if c is not None]
+        notices = Notices(compressed[0] if compressed else None)
+        layers = [CompressedLayer(i, c, rope_theta, record, notices) for i, c in enumerate(compressors)]
         super().__init__(layers=layers)
 
     @classmethod

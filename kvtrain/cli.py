@@ -7,58 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig, ScheduleConfig, ScorerConfig
+from kvtrain.arguments import KVCompressionArguments
+from kvtrain.config import ConfigError, KVCompressionConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("compression (a --config file, with any flag below overriding it)")
-    group.add_argument("--config", type=Path, help="KVCompressionConfig as JSON or YAML")
-    group.add_argument("--scorer", help="eviction policy, e.g. snapkv, gkv, expected_attention, streaming")
-    group.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="scorer hyperparameter")
-    group.add_argument("--budget", type=int, help="tokens kept per KV head")
-    group.add_argument("--ratio", type=float, help="fraction of tokens evicted (instead of --budget)")
-    group.add_argument("--sinks", type=int)
-    group.add_argument("--recent", type=int)
-    group.add_argument("--window", type=int, help="observation window (queries) for scoring")
-    group.add_argument("--interval", type=int, help="compress every N decode steps")
-    group.add_argument("--prefill-chunk", type=int, help="chunked prefill size (caps peak cache memory)")
-    group.add_argument("--selection", choices=["per_head", "per_layer", "head_adaptive"])
-    group.add_argument("--keepkv", action="store_true", help="merge evicted entries (KeepKV) instead of dropping them")
-
-
 def compression_config(args: argparse.Namespace) -> KVCompressionConfig:
-    data = KVCompressionConfig.load(args.config).to_dict() if args.config else KVCompressionConfig().to_dict()
-    if args.scorer:
-        data["scorer"] = {"name": args.scorer, "params": {}}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
-        data["scorer"]["params"][key] = _parse_value(value)
-    if args.budget is not None:
-        data["budget"], data["compression_ratio"] = args.budget, None
-    if args.ratio is not None:
-        data["budget"], data["compression_ratio"] = None, args.ratio
-    for flag, name in [("sinks", "sinks"), ("recent", "recent"), ("window", "query_window"), ("selection", "selection")]:
-        if getattr(args, flag) is not None:
-            data[name] = getattr(args, flag)
-    if args.interval is not None:
-        data["schedule"]["interval"] = args.interval
-    if args.prefill_chunk is not None:
-        data["schedule"]["prefill_chunk"] = args.prefill_chunk
-    if args.keepkv:
-        data["merge"] = {"name": "keepkv", "threshold": MergeConfig().threshold, "ema_alpha": MergeConfig().ema_alpha}
-    return KVCompressionConfig.from_dict(data, source="command line")
-
-
-def _parse_value(text: str):
-    """Numbers, booleans, lists and null as JSON; anything else is a plain string (e.g. a path)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    return KVCompressionArguments.from_namespace(args).to_config()
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
@@ -132,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
-    add_compression_arguments(p)
+    KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluation suites")
@@ -145,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-len", type=int, default=64)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--out", type=Path, help="write the result as JSON")
-    add_compression_arguments(p)
+    KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_eval_loyalty)
     return parser
 

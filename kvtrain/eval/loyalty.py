@@ -20,6 +20,7 @@ from kvtrain.attention import use_kvtrain_attention
 from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig
 from kvtrain.generation import teacher_forced_decode
+from kvtrain.models import head_dim
 
 
 @dataclass
@@ -56,9 +57,8 @@ def continuation_metrics(full_logits: Tensor, comp_logits: Tensor, targets: Tens
 
 def full_cache_bytes_per_token(model) -> int:
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element
 
 
 @torch.no_grad()

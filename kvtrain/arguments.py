@@ -1,0 +1,84 @@
+"""`KVCompressionArguments`: the one set of compression flags shared by every entry point.
+
+The training scripts parse it with TrlParser (recipes set its fields in YAML); the `kvtrain` CLI adds the
+same fields as flags. Either way `to_config()` turns it into a validated `KVCompressionConfig`: a config
+file first, then each field that is set overriding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig
+
+
+@dataclass
+class KVCompressionArguments:
+    kv_config: Optional[str] = field(default=None, metadata={"help": "KVCompressionConfig file (JSON or YAML)"})
+    kv_scorer: Optional[str] = field(default=None, metadata={"help": "eviction policy, e.g. snapkv, gkv, expected_attention"})
+    kv_param: list[str] = field(default_factory=list, metadata={"help": "scorer hyperparameter KEY=VALUE (repeatable)"})
+    kv_budget: Optional[int] = field(default=None, metadata={"help": "tokens kept per KV head"})
+    kv_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of tokens evicted (instead of a budget)"})
+    kv_sinks: Optional[int] = field(default=None, metadata={"help": "first tokens always kept"})
+    kv_recent: Optional[int] = field(default=None, metadata={"help": "most recent tokens always kept"})
+    kv_window: Optional[int] = field(default=None, metadata={"help": "observation window (queries) used for scoring"})
+    kv_interval: Optional[int] = field(default=None, metadata={"help": "compress every N decode steps"})
+    kv_prefill_chunk: Optional[int] = field(default=None, metadata={"help": "chunked prefill size"})
+    kv_selection: Optional[str] = field(default=None, metadata={"help": "per_head, per_layer or head_adaptive"})
+    kv_keepkv: bool = field(default=False, metadata={"help": "merge evicted entries (KeepKV) instead of dropping them"})
+
+    def to_config(self) -> KVCompressionConfig:
+        base = KVCompressionConfig.load(self.kv_config) if self.kv_config else KVCompressionConfig()
+        data = base.to_dict()
+        if self.kv_scorer:
+            data["scorer"] = {"name": self.kv_scorer, "params": {}}
+        for item in self.kv_param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"kv_param {item!r}: expected KEY=VALUE")
+            data["scorer"]["params"][key] = _parse_value(value)
+        if self.kv_budget is not None:
+            data["budget"], data["compression_ratio"] = self.kv_budget, None
+        if self.kv_ratio is not None:
+            data["budget"], data["compression_ratio"] = None, self.kv_ratio
+        for name, target in [("kv_sinks", "sinks"), ("kv_recent", "recent"), ("kv_window", "query_window"), ("kv_selection", "selection")]:
+            if getattr(self, name) is not None:
+                data[target] = getattr(self, name)
+        if self.kv_interval is not None:
+            data["schedule"]["interval"] = self.kv_interval
+        if self.kv_prefill_chunk is not None:
+            data["schedule"]["prefill_chunk"] = self.kv_prefill_chunk
+        if self.kv_keepkv:
+            data["merge"] = dataclasses.asdict(MergeConfig())
+        return KVCompressionConfig.from_dict(data, source=self.kv_config or "compression arguments")
+
+    @classmethod
+    def add_to_parser(cls, parser: argparse.ArgumentParser) -> None:
+        """Add every field as a `--kv-...` flag (for argparse-based commands)."""
+        group = parser.add_argument_group("compression (a --kv-config file, with any flag overriding it)")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help")
+            if f.type == "bool":
+                group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            elif f.type == "list[str]":
+                group.add_argument(flag, dest=f.name, action="append", default=[], help=help_text)
+            else:
+                kind = {"Optional[int]": int, "Optional[float]": float}.get(f.type, str)
+                group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "KVCompressionArguments":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _parse_value(text: str):
+    """Numbers, booleans, lists and null as JSON; anything else is a plain string (e.g. a path)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
