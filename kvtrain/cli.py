@@ -66,7 +66,7 @@ def cmd_eval_loyalty(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     texts = load_texts(args.data, split=args.split)
     blocks = token_blocks(tokenizer, texts, args.context_len + args.continuation_len, n_blocks=args.samples)
-    result = evaluate_loyalty(model, config, blocks, context_len=args.context_len)
+    (result,) = evaluate_loyalty(model, [config], blocks, context_len=args.context_len)
     row = {"model": args.model, "scorer": config.scorer.name, "budget": config.budget, "ratio": config.compression_ratio, **result.to_dict()}
     print_table([row], title="loyalty (continuation tokens, vs the full cache)")
     if args.out:

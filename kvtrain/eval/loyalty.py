@@ -10,6 +10,7 @@ both, and the bytes the cache holds per token seen.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,31 +64,43 @@ def full_cache_bytes_per_token(model) -> int:
 
 @torch.no_grad()
 def evaluate_loyalty(
-    model, config: KVCompressionConfig, blocks: Tensor, *, context_len: int, progress: bool = True
-) -> LoyaltyResult:
-    """`blocks` [n, context_len + continuation_len] token ids, one sample per row."""
+    model, configs: Sequence[KVCompressionConfig], blocks: Tensor, *, context_len: int, progress: bool = True
+) -> list[LoyaltyResult]:
+    """One result per config; `blocks` [n, context_len + continuation_len] token ids, one sample per row.
+
+    The full-cache logits of each sample are computed once and shared by every config.
+    """
     if blocks.shape[1] <= context_len:
         raise ValueError(f"blocks have {blocks.shape[1]} tokens: no continuation after a {context_len}-token context")
     use_kvtrain_attention(model)
-    per_token: dict[str, list[Tensor]] = {}
-    cache_bytes = []
-    for row in tqdm(blocks, desc="loyalty", disable=not progress, leave=False):
+    per_token: list[dict[str, list[Tensor]]] = [{} for _ in configs]
+    cache_bytes: list[list[float]] = [[] for _ in configs]
+    bar = tqdm(total=len(blocks) * len(configs), desc="loyalty", disable=not progress, leave=False)
+    for row in blocks:
         ids = row[None].to(model.device)
         full = model(input_ids=ids).logits[0, context_len - 1 : -1]
-        cache = CompressedCache.for_model(model, config)
-        comp = teacher_forced_decode(model, cache, ids, prefill_len=context_len)[0, context_len - 1 : -1]
-        for name, values in continuation_metrics(full, comp, ids[0, context_len:]).items():
-            per_token.setdefault(name, []).append(values.cpu())
-        cache_bytes.append(cache.nbytes() / cache.get_seq_length())
-    means = {name: torch.cat(values).mean().item() for name, values in per_token.items()}
-    return LoyaltyResult(
-        kl_full_to_compressed=means["kl"],
-        top1_agreement=means["top1"],
-        nll_compressed=means["nll_compressed"],
-        nll_full=means["nll_full"],
-        cache_bytes_per_token=sum(cache_bytes) / len(cache_bytes),
-        full_cache_bytes_per_token=full_cache_bytes_per_token(model),
-        samples=blocks.shape[0],
-        context_len=context_len,
-        continuation_len=blocks.shape[1] - context_len,
-    )
+        for i, config in enumerate(configs):
+            cache = CompressedCache.for_model(model, config)
+            comp = teacher_forced_decode(model, cache, ids, prefill_len=context_len)[0, context_len - 1 : -1]
+            for name, values in continuation_metrics(full, comp, ids[0, context_len:]).items():
+                per_token[i].setdefault(name, []).append(values.cpu())
+            cache_bytes[i].append(cache.nbytes() / cache.get_seq_length())
+            bar.update()
+    bar.close()
+    results = []
+    for metrics, sizes in zip(per_token, cache_bytes):
+        means = {name: torch.cat(values).mean().item() for name, values in metrics.items()}
+        results.append(
+            LoyaltyResult(
+                kl_full_to_compressed=means["kl"],
+                top1_agreement=means["top1"],
+                nll_compressed=means["nll_compressed"],
+                nll_full=means["nll_full"],
+                cache_bytes_per_token=sum(sizes) / len(sizes),
+                full_cache_bytes_per_token=full_cache_bytes_per_token(model),
+                samples=blocks.shape[0],
+                context_len=context_len,
+                continuation_len=blocks.shape[1] - context_len,
+            )
+        )
+    return results
