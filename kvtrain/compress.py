@@ -90,7 +90,11 @@ class LayerCompressor:
         self.policy = policy
         self.scorer = build_scorer(policy.scorer.name, policy.scorer.params)
         merge = policy.merge
-        self.merger = KeepKVMerger(threshold=merge.threshold, ema_alpha=merge.ema_alpha) if merge else None
+        self.merger = (
+            KeepKVMerger(threshold=merge.threshold, ema_alpha=merge.ema_alpha, max_rescale=merge.max_rescale)
+            if merge
+            else None
+        )
 
     def __call__(
         self,

@@ -39,6 +39,7 @@ class MergeConfig:
     name: str = "keepkv"
     threshold: float = 0.8
     ema_alpha: float = 0.9
+    max_rescale: float = 1.25  # trust region of the ZIP key rescale (see KeepKVMerger)
 
 
 @dataclass

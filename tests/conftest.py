@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# The Triton interpreter must be chosen before triton is first imported, and stay on for the process; on a
+# CUDA machine the kernel tests run the compiled kernels instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -151,7 +151,7 @@ def test_zip_merge_identity_when_everything_merges(seed, dtype):
     the merged cache (with votes) equals its output over every candidate before the event."""
     inputs = make_inputs(seed, dtype=dtype)
     keep_idx, keep_valid = keep_set(inputs, 4, seed)
-    keys, values, log_votes, state = KeepKVMerger(threshold=-1.0, ema_alpha=0.0)(inputs, {}, keep_idx, keep_valid)
+    keys, values, log_votes, state = KeepKVMerger(threshold=-1.0, ema_alpha=0.0, max_rescale=float("inf"))(inputs, {}, keep_idx, keep_valid)
     q = inputs.queries[:, :, -1]
     before = attention_output(q, inputs.keys, inputs.values, inputs.log_votes, inputs.valid)
     after = attention_output(q, keys, values, log_votes, keep_valid)
@@ -171,7 +171,7 @@ def test_zip_merge_identity_when_everything_merges(seed, dtype):
 def test_zip_merge_with_threshold_matches_brute_force_pairing(seed):
     inputs = make_inputs(seed, n=16)
     keep_idx, keep_valid = keep_set(inputs, 5, seed)
-    merger = KeepKVMerger(threshold=0.8, ema_alpha=0.0)
+    merger = KeepKVMerger(threshold=0.8, ema_alpha=0.0, max_rescale=float("inf"))
     keys, values, log_votes, _ = merger(inputs, {}, keep_idx, keep_valid)
     merged_into = ref_pairing(inputs, keep_idx, keep_valid, 0.8)
     b, h, k = keep_idx.shape
