@@ -4,10 +4,16 @@ transformers calls it after RoPE and after `past_key_values.update`. It routes t
 * the compressed cache layer that was just updated (decoding with `CompressedCache`),
 * the active replay (a teacher-forced forward that reproduces the cache's keep-sets, for training),
 * otherwise plain SDPA (e.g. the full-cache teacher).
+Observers (`observe_attention`) see every call's post-RoPE queries, keys and values first: that is how
+calibration collects statistics without hooks on modules.
 It must also be registered as a mask function, otherwise transformers hands it ``attention_mask=None``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +24,31 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "kvtrain"
 
+# callback(module, query [b,h_q,q,d], key [b,h_kv,kv,d], value, attention_mask) for every attention call;
+# it returns None, or a (key, value) pair that replaces the inputs (e.g. to measure a perturbation).
+Observer = Callable[..., "tuple[Tensor, Tensor] | None"]
+_OBSERVERS: contextvars.ContextVar[tuple[Observer, ...]] = contextvars.ContextVar("kvtrain_observers", default=())
+
+
+@contextlib.contextmanager
+def observe_attention(model, observer: Observer) -> Iterator[None]:
+    """Within this block, `observer` sees (and may replace) the inputs of every attention call (post-RoPE)."""
+    use_kvtrain_attention(model)
+    token = _OBSERVERS.set(_OBSERVERS.get() + (observer,))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
+
 
 def kvtrain_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from kvtrain.cache import layer_awaiting_attention
     from kvtrain.replay import active_replay
 
+    for observer in _OBSERVERS.get():
+        replaced = observer(module, query, key, value, attention_mask)
+        if replaced is not None:
+            key, value = replaced
     scaling = module.scaling if scaling is None else scaling
     layer = layer_awaiting_attention(module.layer_idx)
     if layer is not None:
