@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtrain.attention import attend_with_stored, key_validity, use_kvtrain_attention
-from kvtrain.compress import EventRecord, LayerCompressor, StoredKV
+from kvtrain.compress import EventRecord, LayerCodecs, LayerCompressor, StoredKV, build_compressors
 from kvtrain.config import KVCompressionConfig
 from kvtrain.models import check_supported
 from kvtrain.rope import rope_theta
@@ -70,8 +70,13 @@ class CompressedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ CacheLayerMixin API
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        merging = self.compressor is not None and self.compressor.merger is not None
-        self.stored = StoredKV.empty(key_states, merging)
+        compressor = self.compressor
+        self.stored = StoredKV.empty(
+            key_states,
+            merging=compressor is not None and compressor.merger is not None,
+            codecs=compressor.codecs if compressor is not None else LayerCodecs(),
+            straight_through=False,
+        )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -174,7 +179,8 @@ class CompressedLayer(CacheLayerMixin):
         self._sync()
 
     def _sync(self) -> None:
-        self.keys, self.values = self.stored.keys, self.stored.values
+        # transformers reads `keys`/`values` only for offloading and bookkeeping; the stores are the truth.
+        self.keys, self.values = self.stored.key_store.recent, self.stored.value_store.recent
 
 
 _SAID: set[str] = set()
@@ -199,24 +205,20 @@ class CompressedCache(Cache):
     attention function, and pass it to `model.generate(past_key_values=cache)` or to forward calls.
     """
 
-    def __init__(
-        self, config: KVCompressionConfig, num_layers: int, *, rope_theta: float = 10000.0, record: bool = False
-    ):
+    def __init__(self, config: KVCompressionConfig, model_config, *, record: bool = False):
         self.compression_config = config
-        compressors = []
-        for i in range(num_layers):
-            policy = config.layer_policy(i, num_layers)
-            compressors.append(LayerCompressor(policy) if policy is not None else None)
+        compressors = build_compressors(config, model_config)
+        theta = rope_theta(model_config)
         compressed = [i for i, c in enumerate(compressors) if c is not None]
         notices = Notices(compressed[0] if compressed else None)
-        layers = [CompressedLayer(i, c, rope_theta, record, notices) for i, c in enumerate(compressors)]
+        layers = [CompressedLayer(i, c, theta, record, notices) for i, c in enumerate(compressors)]
         super().__init__(layers=layers)
 
     @classmethod
     def for_model(cls, model, config: KVCompressionConfig, *, record: bool = False) -> "CompressedCache":
         check_supported(model.config)
         use_kvtrain_attention(model)
-        return cls(config, model.config.num_hidden_layers, rope_theta=rope_theta(model.config), record=record)
+        return cls(config, model.config, record=record)
 
     @property
     def records(self) -> list[list[EventRecord]]:
@@ -229,4 +231,4 @@ class CompressedCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by the stored keys and values (the cache itself, not policy bookkeeping)."""
-        return sum(l.stored.keys.nbytes + l.stored.values.nbytes for l in self.layers if l.stored is not None)
+        return sum(layer.stored.nbytes for layer in self.layers if layer.stored is not None)

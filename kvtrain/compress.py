@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kvtrain.config import LayerPolicy
+from kvtrain.config import KVCompressionConfig, LayerPolicy
+from kvtrain.lowrank.kqsvd import LowRankPair
 from kvtrain.policies import ScoreInputs, build_scorer
 from kvtrain.policies.keepkv import KeepKVMerger
 from kvtrain.policies.select import protected_mask, select
+from kvtrain.storage import ChainCodec, Codec, LowRankCodec, TadaCodec, TokenStore
 
 _SCORER_STATE = "scorer."
 _MERGE_STATE = "merge."
@@ -25,8 +27,8 @@ _MERGE_STATE = "merge."
 class StoredKV:
     """What one layer holds between events; dim 2 is sorted by position for every (row, KV head)."""
 
-    keys: Tensor  # [b, h_kv, n, d]
-    values: Tensor  # [b, h_kv, n, d]
+    key_store: TokenStore
+    value_store: TokenStore
     positions: Tensor  # [b, h_kv, n] long, -1 for empty slots
     valid: Tensor  # [b, h_kv, n] bool
     has_history: Tensor  # [b, h_kv, n] bool: survived an event
@@ -34,12 +36,12 @@ class StoredKV:
     state: dict[str, Tensor] = field(default_factory=dict)  # per-token policy state, [b, h_kv, n] each
 
     @classmethod
-    def empty(cls, like: Tensor, merging: bool) -> "StoredKV":
+    def empty(cls, like: Tensor, *, merging: bool, codecs: "LayerCodecs", straight_through: bool) -> "StoredKV":
         b, h, _, d = like.shape
         zeros = like.new_zeros(b, h, 0)
         return cls(
-            keys=like.new_zeros(b, h, 0, d),
-            values=like.new_zeros(b, h, 0, d),
+            key_store=TokenStore(like.new_zeros(b, h, 0, d), codecs.keys, straight_through=straight_through),
+            value_store=TokenStore(like.new_zeros(b, h, 0, d), codecs.values, straight_through=straight_through),
             positions=zeros.long(),
             valid=zeros.bool(),
             has_history=zeros.bool(),
@@ -47,8 +49,21 @@ class StoredKV:
         )
 
     @property
+    def keys(self) -> Tensor:
+        """[b, h_kv, n, d] as attention sees them (decoded)."""
+        return self.key_store.view()
+
+    @property
+    def values(self) -> Tensor:
+        return self.value_store.view()
+
+    @property
     def length(self) -> int:
-        return self.keys.shape[2]
+        return self.positions.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.key_store.nbytes + self.value_store.nbytes
 
     def append(self, keys: Tensor, values: Tensor, first_position: int, valid: Tensor) -> "StoredKV":
         """Add new tokens (positions first_position..) after the stored ones; `valid` is [b, q]."""
@@ -60,8 +75,8 @@ class StoredKV:
             votes = torch.cat([self.log_votes, self.log_votes.new_zeros(b, h, q)], dim=2)
         state = {name: torch.cat([t, t.new_zeros(b, h, q)], dim=2) for name, t in self.state.items()}
         return StoredKV(
-            keys=torch.cat([self.keys, keys], dim=2),
-            values=torch.cat([self.values, values], dim=2),
+            key_store=self.key_store.append(keys),
+            value_store=self.value_store.append(values),
             positions=torch.cat([self.positions, positions.expand(b, h, q)], dim=2),
             valid=torch.cat([self.valid, new_valid], dim=2),
             has_history=torch.cat([self.has_history, torch.zeros_like(new_valid)], dim=2),
@@ -71,8 +86,16 @@ class StoredKV:
 
     def attention_bias(self) -> Tensor:
         """Additive logit bias over the stored slots: log votes, -inf for empty slots. [b, h_kv, n]."""
-        bias = self.log_votes.float() if self.log_votes is not None else self.keys.new_zeros(self.valid.shape).float()
+        bias = self.log_votes.float() if self.log_votes is not None else torch.zeros(self.valid.shape, device=self.valid.device)
         return bias.masked_fill(~self.valid, float("-inf"))
+
+
+@dataclass
+class LayerCodecs:
+    """How a layer archives keys and values (None: full precision)."""
+
+    keys: Codec | None = None
+    values: Codec | None = None
 
 
 @dataclass
@@ -86,8 +109,9 @@ class EventRecord:
 class LayerCompressor:
     """A layer's policy, built once from its `LayerPolicy`, applied at each event."""
 
-    def __init__(self, policy: LayerPolicy):
+    def __init__(self, policy: LayerPolicy, codecs: LayerCodecs | None = None):
         self.policy = policy
+        self.codecs = codecs or LayerCodecs()
         self.scorer = build_scorer(policy.scorer.name, policy.scorer.params)
         merge = policy.merge
         self.merger = (
@@ -132,9 +156,11 @@ class LayerCompressor:
         budget = policy.budget_at(tokens_seen)
         over_budget = int(stored.valid.sum(dim=2).max()) > budget
         if not over_budget:
-            # Stateful scorers still account for the queries of this interval.
+            # Stateful scorers still account for the queries of this interval, and the recent tokens are
+            # archived through the codecs all the same.
             state = {**_prefix(scorer_state, _SCORER_STATE), **_pick(stored.state, _MERGE_STATE)}
-            return StoredKV(**{**stored.__dict__, "state": state}), None
+            flushed = {"key_store": stored.key_store.flush(), "value_store": stored.value_store.flush()}
+            return StoredKV(**{**stored.__dict__, **flushed, "state": state}), None
         with torch.no_grad():
             protected = protected_mask(
                 stored.positions,
@@ -158,8 +184,9 @@ class LayerCompressor:
             keys, values, log_votes, merge_state = self.merger(
                 inputs, _prefixed(stored.state, _MERGE_STATE), keep_idx, keep_valid
             )
+            key_store, value_store = TokenStore(keys), TokenStore(values)
         else:
-            keys, values = _gather(stored.keys, keep_idx), _gather(stored.values, keep_idx)
+            key_store, value_store = stored.key_store.gather(keep_idx), stored.value_store.gather(keep_idx)
             log_votes, merge_state = None, {}
         positions = torch.gather(stored.positions, 2, keep_idx).masked_fill(~keep_valid, -1)
         state = {
@@ -167,8 +194,8 @@ class LayerCompressor:
             **_prefix(merge_state, _MERGE_STATE),
         }
         kept = StoredKV(
-            keys=keys,
-            values=values,
+            key_store=key_store,
+            value_store=value_store,
             positions=positions,
             valid=keep_valid,
             has_history=keep_valid.clone(),
@@ -178,8 +205,51 @@ class LayerCompressor:
         return kept, EventRecord(tokens_seen=tokens_seen, kept=positions)
 
 
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    return torch.gather(x, 2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+def build_compressors(config: KVCompressionConfig, model_config) -> list[LayerCompressor | None]:
+    """One compressor per layer (None for dense layers), with the codecs the config asks for."""
+    num_layers = model_config.num_hidden_layers
+    codecs = layer_codecs(config, model_config)
+    compressors = []
+    for i in range(num_layers):
+        policy = config.layer_policy(i, num_layers)
+        compressors.append(LayerCompressor(policy, codecs[i]) if policy is not None else None)
+    return compressors
+
+
+def layer_codecs(config: KVCompressionConfig, model_config) -> list[LayerCodecs]:
+    num_layers = model_config.num_hidden_layers
+    key_pairs = value_pairs = [None] * num_layers
+    if config.lowrank is not None:
+        from kvtrain.lowrank.artifacts import load_projections
+
+        key_pairs, value_pairs = load_projections(config.lowrank, model_config)
+    key_bits = value_bits = [None] * num_layers
+    if config.quant is not None:
+        key_bits, value_bits = [config.quant.key_bits] * num_layers, [config.quant.value_bits] * num_layers
+        if config.quant.plan:
+            from kvtrain.quant.bitplan import read_quant_plan
+
+            plan = read_quant_plan(config.quant.plan)
+            plan_bits = plan.bits
+            if len(plan_bits) != num_layers:
+                raise ValueError(f"{config.quant.plan}: {len(plan_bits)} layers in the plan, the model has {num_layers}")
+            key_bits = [b if config.quant.key_bits is not None else None for b in plan_bits]
+            value_bits = [b if config.quant.value_bits is not None else None for b in plan_bits]
+    group = config.quant.group_size if config.quant is not None else 0
+    if config.quant is not None and config.quant.plan:
+        group = plan.group_size
+    return [
+        LayerCodecs(_codec(key_pairs[i], key_bits[i], group), _codec(value_pairs[i], value_bits[i], group))
+        for i in range(num_layers)
+    ]
+
+
+def _codec(pair: LowRankPair | None, bits: int | None, group_size: int) -> Codec | None:
+    lowrank = LowRankCodec(pair) if pair is not None else None
+    tada = TadaCodec(bits, group_size) if bits is not None else None
+    if lowrank is not None and tada is not None:
+        return ChainCodec(lowrank, tada)
+    return lowrank or tada
 
 
 def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -43,6 +43,27 @@ class MergeConfig:
 
 
 @dataclass
+class QuantConfig:
+    """TaDA quantisation of the archived keys/values (None bits: that side stays full precision)."""
+
+    key_bits: int | None = 4
+    value_bits: int | None = 4
+    group_size: int = 32
+    plan: str | None = None  # quant_plan.json from `kvtrain calibrate --fit tada`: per-layer bits for both sides
+
+
+@dataclass
+class LowRankConfig:
+    """Low-rank keys/values from a projections file written by `kvtrain calibrate --fit kqsvd`."""
+
+    projections: str = ""
+    keys: bool = True
+    values: bool = True
+    key_rank: int | None = None  # truncate the fitted projections (columns are nested)
+    value_rank: int | None = None
+
+
+@dataclass
 class ScheduleConfig:
     """When compression runs: after each prefill chunk, then every `interval` decode steps (G-KV style)."""
 
@@ -110,6 +131,8 @@ class KVCompressionConfig:
     whitelist: list[tuple[int, int]] = field(default_factory=list)  # column spans always kept
     fair_spans: list[tuple[int, int]] = field(default_factory=list)  # spans with proportional quotas
     merge: MergeConfig | None = None
+    quant: QuantConfig | None = None
+    lowrank: LowRankConfig | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dense_layers: list[int] = field(default_factory=list)  # layers left uncompressed
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)  # per-layer overrides
@@ -155,6 +178,22 @@ class KVCompressionConfig:
             fail("merge.ema_alpha", self.merge.ema_alpha, "must be in (0, 1)")
         if self.merge is not None and self.merge.name != "keepkv":
             fail("merge.name", self.merge.name, "the only merging method is 'keepkv'")
+        if self.quant is not None:
+            for name in ("key_bits", "value_bits"):
+                bits = getattr(self.quant, name)
+                if bits not in (None, 2, 4, 8):
+                    fail(f"quant.{name}", bits, "must be 2, 4, 8 or null")
+            evicts = self.compression_ratio != 0.0
+            if evicts and self.selection != "per_layer":
+                fail(
+                    "selection", self.selection,
+                    "TaDA stores one mean per token for all KV heads, so quantisation with eviction needs "
+                    "'per_layer' selection (or compression_ratio 0 to quantise without evicting)",
+                )
+        if self.lowrank is not None and not self.lowrank.projections:
+            fail("lowrank.projections", self.lowrank.projections, "must name a projections file")
+        if self.merge is not None and (self.quant is not None or self.lowrank is not None):
+            fail("merge", self.merge.name, "merging cannot be combined with quantisation or low rank yet")
         if isinstance(self.layer_budgets, list) and not all(isinstance(b, int) and b > 0 for b in self.layer_budgets):
             fail("layer_budgets", self.layer_budgets, "must be positive integers")
         for idx, override in self.layers.items():
@@ -217,7 +256,13 @@ class KVCompressionConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         data = dict(data)
-        nested = {"scorer": ScorerConfig, "merge": MergeConfig, "schedule": ScheduleConfig}
+        nested = {
+            "scorer": ScorerConfig,
+            "merge": MergeConfig,
+            "schedule": ScheduleConfig,
+            "quant": QuantConfig,
+            "lowrank": LowRankConfig,
+        }
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

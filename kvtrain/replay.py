@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from kvtrain.attention import attend_with_stored, key_validity, use_kvtrain_attention
-from kvtrain.compress import EventRecord, LayerCompressor, StoredKV
+from kvtrain.compress import EventRecord, LayerCodecs, LayerCompressor, StoredKV, build_compressors
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
 from kvtrain.models import check_supported
 from kvtrain.rope import rope_theta
@@ -73,8 +73,12 @@ class Replay:
         valid = key_validity(attention_mask, seq_len, batch=b, device=query.device)
         compressor = self.compressors[layer_idx]
         points = event_points(self.schedule, self.prefill_len, seq_len) if compressor is not None else []
-        merging = compressor is not None and compressor.merger is not None
-        stored = StoredKV.empty(key, merging)
+        stored = StoredKV.empty(
+            key,
+            merging=compressor is not None and compressor.merger is not None,
+            codecs=compressor.codecs if compressor is not None else LayerCodecs(),
+            straight_through=True,
+        )
         window = compressor.policy.query_window if compressor is not None else 0
         rope_offset = (~valid[:, : self.prefill_len]).sum(dim=1)
         outputs = []
@@ -122,11 +126,7 @@ def replay_compression(model, config: KVCompressionConfig, *, prefill_len: int, 
     """
     check_supported(model.config)
     use_kvtrain_attention(model)
-    num_layers = model.config.num_hidden_layers
-    compressors = []
-    for i in range(num_layers):
-        policy = config.layer_policy(i, num_layers)
-        compressors.append(LayerCompressor(policy) if policy is not None else None)
+    compressors = build_compressors(config, model.config)
     replay = Replay(compressors, config.schedule, prefill_len, rope_theta(model.config), record)
     token = _ACTIVE.set(replay)
     try:

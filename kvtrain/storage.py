@@ -1,0 +1,170 @@
+"""How one side (keys or values) of a layer's cache is held: an encoded archive plus recent tokens.
+
+Tokens arrive in full precision and stay so until the next compression event, which archives the
+survivors through the layer's codec (low-rank coefficients, TaDA-packed deviations, or both). Attention
+and scoring always read `view()`: the decoded archive followed by the recent tokens. The recent tokens
+are the TaDA residual buffer; its length is bounded by the compression interval.
+
+Replay keeps the archive as *round-tripped* full tensors instead of encoded ones (`straight_through`),
+with the same values, so gradients pass through quantisation (straight-through estimator) and through
+low-rank projections (which are linear).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvtrain.lowrank.kqsvd import LowRankPair
+from kvtrain.quant.packing import PackedTensor
+from kvtrain.quant.tada import TadaTensor, tada_dequantize, tada_quantize
+
+Encoded = dict[str, Tensor]  # every tensor has the token axis at dim 2
+
+
+class Codec:
+    """encode: [b, h, n, d] -> Encoded; decode: Encoded -> [b, h, n, d] (the values attention uses)."""
+
+    # Encoded tensors whose head axis has size 1 (shared by all heads): gathering them needs one index set.
+    shared_across_heads: frozenset[str] = frozenset()
+
+    def encode(self, x: Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, encoded: Encoded, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    def roundtrip(self, x: Tensor) -> Tensor:
+        """decode(encode(x)) with the gradient of the identity where encoding is not differentiable."""
+        return self.decode(self.encode(x), x.dtype)
+
+
+@dataclass
+class LowRankCodec(Codec):
+    """Keys: coefficients c = A^T k and effective keys B c, so that q . (B c) = (B^T q) . (A^T k) exactly as
+    KQ-SVD attends. Values: c = A_v^T v and v^ = B_v c, which equals folding B_v into o_proj."""
+
+    pair: LowRankPair  # a, b: [h_kv, d, r]
+
+    def encode(self, x: Tensor) -> Encoded:
+        return {"coef": torch.einsum("bhnd,hdr->bhnr", x, self.pair.a.to(x.dtype))}
+
+    def decode(self, encoded: Encoded, dtype: torch.dtype) -> Tensor:
+        return torch.einsum("bhnr,hdr->bhnd", encoded["coef"], self.pair.b.to(encoded["coef"].dtype)).to(dtype)
+
+
+@dataclass
+class TadaCodec(Codec):
+    """TaDA: the per-token mean over KV heads in fp16, deviations group-quantised and bit-packed."""
+
+    bits: int
+    group_size: int
+    shared_across_heads = frozenset({"mean"})
+
+    def encode(self, x: Tensor) -> Encoded:
+        t = tada_quantize(x, self.bits, self.group_size)
+        d = t.deviation
+        return {"mean": t.mean, "codes": d.codes, "scale": d.scale, "zero": d.zero}
+
+    def decode(self, encoded: Encoded, dtype: torch.dtype) -> Tensor:
+        deviation = PackedTensor(encoded["codes"], encoded["scale"], encoded["zero"], self.bits, self.group_size)
+        return tada_dequantize(TadaTensor(encoded["mean"], deviation), dtype)
+
+    def roundtrip(self, x: Tensor) -> Tensor:
+        return x + (super().roundtrip(x.detach()) - x).detach()
+
+
+@dataclass
+class ChainCodec(Codec):
+    """Low-rank coefficients, then quantised: encode outer(inner(x)), decode inner(outer(...))."""
+
+    inner: LowRankCodec
+    outer: TadaCodec
+
+    @property
+    def shared_across_heads(self) -> frozenset[str]:
+        return self.outer.shared_across_heads
+
+    def encode(self, x: Tensor) -> Encoded:
+        return self.outer.encode(self.inner.encode(x)["coef"])
+
+    def decode(self, encoded: Encoded, dtype: torch.dtype) -> Tensor:
+        return self.inner.decode({"coef": self.outer.decode(encoded, dtype)}, dtype)
+
+    def roundtrip(self, x: Tensor) -> Tensor:
+        coef = self.inner.encode(x)["coef"]
+        return self.inner.decode({"coef": self.outer.roundtrip(coef)}, x.dtype)
+
+
+@dataclass
+class TokenStore:
+    """One side of a layer's cache: `archive` (encoded, or round-tripped when straight-through) + `recent`."""
+
+    recent: Tensor  # [b, h, m, d] full precision
+    codec: Codec | None = None
+    archive: Encoded | None = None
+    straight_through: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.archive_length + self.recent.shape[2]
+
+    @property
+    def archive_length(self) -> int:
+        if self.archive is None:
+            return 0
+        return next(iter(self.archive.values())).shape[2]
+
+    def view(self) -> Tensor:
+        """All tokens as attention sees them: [b, h, n, d]."""
+        if self.archive is None:
+            return self.recent
+        if self.straight_through:
+            archived = self.archive["x"]
+        else:
+            archived = self.codec.decode(self.archive, self.recent.dtype)
+        return torch.cat([archived, self.recent], dim=2)
+
+    def append(self, x: Tensor) -> "TokenStore":
+        return TokenStore(torch.cat([self.recent, x], dim=2), self.codec, self.archive, self.straight_through)
+
+    def _all_encoded(self) -> Encoded:
+        """Archive and recent tokens together, the recent ones encoded now."""
+        if self.straight_through:
+            fresh = {"x": self.codec.roundtrip(self.recent)}
+        else:
+            fresh = self.codec.encode(self.recent)
+        if self.archive is None:
+            return fresh
+        return {name: torch.cat([self.archive[name], fresh[name]], dim=2) for name in fresh}
+
+    def gather(self, idx: Tensor) -> "TokenStore":
+        """Keep tokens `idx` [b, h, k] (positions along dim 2); the survivors are archived through the codec."""
+        if self.codec is None:
+            return TokenStore(_gather(self.recent, idx))
+        encoded = self._all_encoded()
+        shared = set() if self.straight_through else self.codec.shared_across_heads
+        if shared and not bool((idx == idx[:, :1]).all()):
+            raise ValueError(
+                "a codec with per-token data shared by all KV heads (TaDA's mean) needs the same kept tokens in "
+                "every head: use selection 'per_layer' with quantisation"
+            )
+        archive = {name: _gather(t, idx[:, :1] if name in shared else idx) for name, t in encoded.items()}
+        return TokenStore(self.recent[:, :, :0], self.codec, archive, self.straight_through)
+
+    def flush(self) -> "TokenStore":
+        """Archive the recent tokens without evicting any (a compression event under budget)."""
+        if self.codec is None or self.recent.shape[2] == 0:
+            return self
+        return TokenStore(self.recent[:, :, :0], self.codec, self._all_encoded(), self.straight_through)
+
+    @property
+    def nbytes(self) -> int:
+        archived = sum(t.nbytes for t in self.archive.values()) if self.archive is not None else 0
+        return archived + self.recent.nbytes
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    return torch.gather(x, 2, idx[..., None].expand(*idx.shape, x.shape[-1]))
