@@ -1,0 +1,219 @@
+"""The distillation pipeline behind `train/distill.py`: parse -> build -> train -> save.
+
+Launch: `accelerate launch --config_file configs/accelerate/<cfg>.yaml train/distill.py --config
+recipes/<model>/distill/<name>.yaml [--field value ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from peft import get_peft_model
+from transformers import TrainerCallback, TrainingArguments
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from kvtrain.arguments import KVCompressionArguments
+from kvtrain.attention import use_kvtrain_attention
+from kvtrain.data import load_texts, token_blocks
+from kvtrain.models import load_model, model_fingerprint
+from kvtrain.training import checkpoints
+from kvtrain.training.artifacts import write_artifacts
+from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.recipe import load_recipe
+from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
+from kvtrain.training.trainer import CompressionDistillationTrainer, causal_lm
+
+logger = logging.getLogger(__name__)
+
+ARGUMENT_TYPES = (DistillationArguments, KVCompressionArguments, TrainingArguments, ModelConfig)
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length token blocks [n, block_len] as `{"input_ids": [block_len]}` items."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i]}
+
+
+def parse_args(argv: list[str] | None = None):
+    """(DistillationArguments, KVCompressionArguments, TrainingArguments, ModelConfig) from
+    `--config recipe.yaml` (checked by `load_recipe`) overridden by `--field value` flags."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser(ARGUMENT_TYPES)
+    defaults: dict = {}
+    for i, arg in enumerate(args):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+            del args[i : i + (1 if "=" in arg else 2)]
+            defaults = load_recipe(path, ARGUMENT_TYPES)
+            break
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # init_cpu_distributed made the process group: TrainingArguments must reuse it, not rebuild it
+        # (it would for DeepSpeed without a backend, i.e. as one process).
+        accelerator_config = defaults.get("accelerator_config") or {}
+        if isinstance(accelerator_config, dict):
+            defaults["accelerator_config"] = {**accelerator_config, "use_configured_state": True}
+    parser.set_defaults_with_config(**defaults)
+    distill_args, kv_args, training_args, model_args = parser.parse_args_into_dataclasses(args=args)
+    if model_args.model_name_or_path is None:
+        raise ValueError("model_name_or_path is required (in the recipe or as --model_name_or_path)")
+    return distill_args, kv_args, training_args, model_args
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Fail before any model is loaded when `output_dir` cannot be created or written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"output_dir {str(path)!r} is not writable: {err.strerror or err}") from None
+
+
+def resolve_resume(distill_args: DistillationArguments, training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: `resume` ('latest' or a path), else TrainingArguments.resume_from_checkpoint."""
+    value = distill_args.resume or training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("latest", "true"):
+        found = checkpoints.latest_checkpoint(training_args.output_dir)
+        if found is None:
+            logger.warning("resume=latest: no complete checkpoint in %s, starting from scratch", training_args.output_dir)
+            return None
+        logger.info("resuming from %s", found)
+        return str(found)
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"resume={value!r}: not a complete checkpoint folder (no trainer_state.json)")
+    return str(path)
+
+
+def init_cpu_distributed() -> None:
+    """On GPU-less machines launched with several processes, create the process group with gloo ourselves.
+
+    Without it, `accelerate launch --multi_gpu` starts unsynchronised single-process runs, and DeepSpeed
+    fails a batch-size assertion (TrainingArguments never passes a backend to accelerate); the Trainer
+    then reuses this state (`accelerator_config.use_configured_state`).
+    """
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from accelerate import PartialState
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    PartialState(cpu=not deepspeed, backend="gloo")
+
+
+def _dtype(name: str | None) -> torch.dtype:
+    if name in (None, "auto"):
+        return torch.float32
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype={name!r} is not a torch dtype (e.g. float32, bfloat16)")
+    return value
+
+
+def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Run one distillation; returns the output folder (weights + kv_compression/ + kvtrain_training.json)."""
+    init_cpu_distributed()
+    distill_args, kv_args, training_args, model_args = parse_args(argv)
+    kv_config = kv_args.to_config()
+    check_output_dir(training_args.output_dir)
+    if training_args.gradient_checkpointing:
+        raise ValueError(
+            "gradient_checkpointing is not supported yet: the recomputation in backward runs outside "
+            "replay_compression, so the student's gradients would be those of full attention"
+        )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    transformers.set_seed(training_args.seed)
+    resume = resolve_resume(distill_args, training_args)
+
+    model, tokenizer = load_model(model_args.model_name_or_path, dtype=_dtype(model_args.dtype))
+    fingerprint = model_fingerprint(model.config)
+    use_kvtrain_attention(model)
+    if model_args.use_peft:
+        model = get_peft_model(model, get_peft_config(model_args))
+        teacher = AdapterDisabledTeacher(model)
+    else:
+        teacher = FrozenCopyTeacher(model, offload=distill_args.teacher_offload)
+    model.train()
+
+    texts = load_texts(distill_args.dataset_name, distill_args.dataset_train_split, text_field=distill_args.dataset_text_field)
+    train_blocks = token_blocks(tokenizer, texts, distill_args.block_len, distill_args.max_blocks)
+    loyalty_blocks = None
+    if distill_args.loyalty_blocks:
+        held_out = load_texts(
+            distill_args.loyalty_dataset_name or distill_args.dataset_name,
+            distill_args.loyalty_split,
+            text_field=distill_args.dataset_text_field,
+        )
+        loyalty_blocks = token_blocks(tokenizer, held_out, distill_args.block_len, distill_args.loyalty_blocks)
+
+    trainer = CompressionDistillationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=BlockDataset(train_blocks),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        distill_args=distill_args,
+        kv_config=kv_config,
+        teacher=teacher,
+        loyalty_blocks=loyalty_blocks,
+    )
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if zero3 and distill_args.merge_adapter:
+        raise ValueError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
+
+    trainer.log_loyalty("before")
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_loyalty("after")
+
+    output_dir = Path(training_args.output_dir)
+    merged = model_args.use_peft and distill_args.merge_adapter
+    if merged:
+        if trainer.accelerator.is_main_process:
+            causal = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            causal.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+        trainer.accelerator.wait_for_everyone()
+    else:
+        trainer.save_model(str(output_dir))
+    if trainer.accelerator.is_main_process:
+        write_artifacts(
+            output_dir,
+            kv_config,
+            {
+                "format": "adapter" if model_args.use_peft and not merged else "full",
+                "base_model": model_args.model_name_or_path,
+                "model_fingerprint": fingerprint,
+                "arguments": {
+                    "distillation": dataclasses.asdict(distill_args),
+                    "compression": dataclasses.asdict(kv_args),
+                    "model": dataclasses.asdict(model_args),
+                    "training": training_args.to_dict(),
+                },
+                "resumed_from": resume,
+                "metrics": {
+                    "train": result.metrics,
+                    "loyalty": trainer.loyalty,
+                    "log_history": trainer.state.log_history,
+                },
+            },
+        )
+    trainer.accelerator.wait_for_everyone()
+    return output_dir

@@ -1,0 +1,193 @@
+"""`CompressionDistillationTrainer`: HF `Trainer` whose loss distils the full-cache teacher into the student
+running under replayed KV compression.
+
+Per step: (optionally, with probability `on_policy_fraction`) the student samples the continuation of the
+prompt through a `CompressedCache`; the teacher runs a full-attention forward (no grad); the student runs
+the same tokens inside `replay_compression`, which reproduces exactly what the compressed cache would
+attend to after prefilling `prefill_len` tokens and decoding the rest; the divergence between the two
+next-token distributions is computed from hidden states in chunks (`kvtrain.training.losses`) over the
+continuation only (prompt and padding are masked). Only what `Trainer` lacks is written here: the loss,
+metric logging, loyalty evaluation and atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+from collections import defaultdict
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
+
+from kvtrain.config import KVCompressionConfig
+from kvtrain.eval.loyalty import evaluate_loyalty
+from kvtrain.generation import position_ids_from_mask
+from kvtrain.replay import replay_compression
+from kvtrain.training import checkpoints
+from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.losses import distillation_loss
+from kvtrain.training.on_policy import generate_continuations, step_generator
+from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher, final_hidden_states
+
+_ON_POLICY_SALT = 1
+
+
+def causal_lm(model):
+    """The transformers causal LM inside a (PEFT-wrapped) model: where attention and the lm_head live."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class CompressionDistillationTrainer(Trainer):
+    def __init__(
+        self,
+        *args,
+        distill_args: DistillationArguments,
+        kv_config: KVCompressionConfig,
+        teacher: AdapterDisabledTeacher | FrozenCopyTeacher,
+        loyalty_blocks: Tensor | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-micro-batch mean; let Trainer divide by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self.distill_args = distill_args
+        self.kv_config = kv_config
+        self.teacher = teacher
+        self.loss_spec = distill_args.loss_spec()
+        self.loyalty_blocks = loyalty_blocks
+        self.loyalty: dict[str, dict] = {}
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        _check_head_supported(causal_lm(self.model))
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`inputs["input_ids"]` [b, block_len] (+ optional attention_mask); returns the scalar loss."""
+        ids: Tensor = inputs["input_ids"]
+        mask: Tensor = inputs.get("attention_mask", torch.ones_like(ids))
+        prefill = self.distill_args.prefill_len
+        base = causal_lm(self.accelerator.unwrap_model(model))
+        on_policy = self._is_on_policy_step()
+        if on_policy:
+            ids, mask = generate_continuations(
+                self.accelerator.unwrap_model(model),
+                base,
+                self.kv_config,
+                ids[:, :prefill],
+                ids.shape[1],
+                temperature=self.distill_args.on_policy_temperature,
+                seed=self.args.seed + 7919 * self.state.global_step + self.accelerator.process_index,
+                pad_token_id=_pad_id(base, self.processing_class),
+                eos_token_id=base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else None,
+            )
+        positions = position_ids_from_mask(mask)
+        # Logit at position i predicts token i + 1: supervise continuation tokens (i + 1 >= prefill) that are real.
+        supervised = mask[:, 1:].bool() & mask[:, :-1].bool()
+        supervised[:, : prefill - 1] = False
+        targets = ids[:, 1:][supervised]
+        spec = self.loss_spec
+        if on_policy:  # sampled tokens are not ground truth: no cross-entropy on them
+            spec = dataclasses.replace(spec, ce_weight=0.0)
+        with self.teacher.on_device(ids.device) as teacher:
+            t_hidden = teacher.hidden_states(ids, mask, positions)[:, :-1][supervised]
+            with replay_compression(base, self.kv_config, prefill_len=prefill):
+                s_hidden = final_hidden_states(model, ids, mask, positions)[:, :-1][supervised]
+            s_head, t_head = base.get_output_embeddings().weight, teacher.head_weight()
+            with _gathered(s_head, t_head):
+                parts = distillation_loss(s_hidden, s_head, t_hidden, t_head, targets, spec)
+        self._metrics["distill_loss"].append(parts.loss.item())
+        self._metrics["divergence"].append(parts.divergence.item())
+        self._metrics["ce"].append(parts.ce.item())
+        self._metrics["on_policy"].append(float(on_policy))
+        self._metrics["supervised_tokens"].append(float(targets.numel()))
+        return (parts.loss, None) if return_outputs else parts.loss
+
+    def _is_on_policy_step(self) -> bool:
+        fraction = self.distill_args.on_policy_fraction
+        if fraction <= 0.0 or not self.model.training:
+            return False
+        # Same draw on every rank (all ranks generate together, as ZeRO-3 needs) and after a resume.
+        coin = torch.rand((), generator=step_generator(self.args.seed, self.state.global_step, _ON_POLICY_SALT))
+        return bool(coin < fraction)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the means (this rank, since the last log) of the distillation metrics, unrounded."""
+        for name, values in self._metrics.items():
+            if values:
+                logs[name] = sum(values) / len(values)
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+    def log_loyalty(self, tag: str) -> dict | None:
+        """Loyalty (compressed vs full cache, held-out blocks) of the current model, logged as `loyalty/<tag>/*`."""
+        if self.loyalty_blocks is None:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            result = evaluate_loyalty(
+                causal_lm(model),
+                [self.kv_config],
+                self.loyalty_blocks.to(self.args.device),
+                context_len=self.distill_args.prefill_len,
+                progress=False,
+            )[0].to_dict()
+        finally:
+            model.train(was_training)
+        self.loyalty[tag] = result
+        self.log({f"loyalty/{tag}/{k}": float(v) for k, v in result.items()})
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write `tmp-checkpoint-N` on every rank, then publish it as `checkpoint-N` (see checkpoints.py)."""
+        run_dir = self._get_output_dir(trial=trial)
+        staging = checkpoints.staging_dir(run_dir, self.state.global_step)
+        if self.args.should_save and staging.exists():  # left by a run killed while saving this step
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        with checkpoints.staging_prefix():
+            super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.publish(staging, checkpoints.final_dir(run_dir, self.state.global_step))
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+def _pad_id(model, tokenizer) -> int:
+    for source in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, model.config.eos_token_id):
+        if isinstance(source, int):
+            return source
+    raise ValueError("on-policy generation needs a pad token: the tokenizer and the model config define none")
+
+
+@contextlib.contextmanager
+def _gathered(*weights: Tensor):
+    """Under DeepSpeed ZeRO-3 the (frozen) lm_head weights are partitioned: gather them for the loss."""
+    partitioned = [w for w in weights if hasattr(w, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
+
+
+def _check_head_supported(model) -> None:
+    """The chunked loss reads the lm_head weight directly: refuse what would make that wrong."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}: an lm_head with a bias is not supported by the chunked loss")
+    weight = head.weight
+    if hasattr(weight, "ds_id") and weight.requires_grad:
+        raise ValueError(
+            "DeepSpeed ZeRO-3 with a trainable lm_head is not supported by the chunked loss (the weight is "
+            "partitioned); use LoRA (use_peft) or ZeRO-2"
+        )

@@ -1,0 +1,14 @@
+"""Compression-aware distillation (open-r1 style entry point).
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml train/distill.py \
+        --config recipes/smollm2-135m/distill/gkv.yaml [--field value ...]
+
+On CPU: ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/cpu.yaml train/distill.py ...
+"""
+
+from __future__ import annotations
+
+from kvtrain.training.run import main
+
+if __name__ == "__main__":
+    main()
