@@ -10,7 +10,7 @@ both, and the bytes the cache holds per token seen.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig
 from kvtrain.generation import teacher_forced_decode
 from kvtrain.models import head_dim
+from kvtrain.replay import replay_compression
 
 
 @dataclass
@@ -30,14 +31,16 @@ class LoyaltyResult:
     top1_agreement: float
     nll_compressed: float
     nll_full: float
-    cache_bytes_per_token: float
+    cache_bytes_per_token: float | None  # None when measured by replay
     full_cache_bytes_per_token: float
     samples: int
     context_len: int
     continuation_len: int
 
     @property
-    def cache_fraction(self) -> float:
+    def cache_fraction(self) -> float | None:
+        if self.cache_bytes_per_token is None:
+            return None
         return self.cache_bytes_per_token / self.full_cache_bytes_per_token
 
     def to_dict(self) -> dict:
@@ -64,12 +67,26 @@ def full_cache_bytes_per_token(model) -> int:
 
 @torch.no_grad()
 def evaluate_loyalty(
-    model, configs: Sequence[KVCompressionConfig], blocks: Tensor, *, context_len: int, progress: bool = True
+    model,
+    configs: Sequence[KVCompressionConfig],
+    blocks: Tensor,
+    *,
+    context_len: int,
+    reference: Callable[[Tensor], Tensor] | None = None,
+    method: str = "cache",
+    progress: bool = True,
 ) -> list[LoyaltyResult]:
     """One result per config; `blocks` [n, context_len + continuation_len] token ids, one sample per row.
 
-    The full-cache logits of each sample are computed once and shared by every config.
+    `reference(ids) -> logits` gives the distributions to be loyal to (default: `model` with a full cache;
+    after distillation, the original model). `method="cache"` decodes the continuation step by step through a
+    `CompressedCache`, as users run it; `method="replay"` computes the same logits in one forward
+    (`replay_compression`, equal to decoding by the parity tests) and reports no cache bytes. The reference
+    logits of each sample are computed once and shared by every config.
     """
+    if method not in ("cache", "replay"):
+        raise ValueError(f"method={method!r}: expected 'cache' or 'replay'")
+    reference = reference or (lambda ids: model(input_ids=ids).logits)
     if blocks.shape[1] <= context_len:
         raise ValueError(f"blocks have {blocks.shape[1]} tokens: no continuation after a {context_len}-token context")
     use_kvtrain_attention(model)
@@ -78,13 +95,18 @@ def evaluate_loyalty(
     bar = tqdm(total=len(blocks) * len(configs), desc="loyalty", disable=not progress, leave=False)
     for row in blocks:
         ids = row[None].to(model.device)
-        full = model(input_ids=ids).logits[0, context_len - 1 : -1]
+        full = reference(ids)[0, context_len - 1 : -1]
         for i, config in enumerate(configs):
-            cache = CompressedCache.for_model(model, config)
-            comp = teacher_forced_decode(model, cache, ids, prefill_len=context_len)[0, context_len - 1 : -1]
+            if method == "cache":
+                cache = CompressedCache.for_model(model, config)
+                comp = teacher_forced_decode(model, cache, ids, prefill_len=context_len)
+                cache_bytes[i].append(cache.nbytes() / cache.get_seq_length())
+            else:
+                with replay_compression(model, config, prefill_len=context_len):
+                    comp = model(input_ids=ids, use_cache=False).logits
+            comp = comp[0, context_len - 1 : -1]
             for name, values in continuation_metrics(full, comp, ids[0, context_len:]).items():
                 per_token[i].setdefault(name, []).append(values.cpu())
-            cache_bytes[i].append(cache.nbytes() / cache.get_seq_length())
             bar.update()
     bar.close()
     results = []
@@ -96,7 +118,7 @@ def evaluate_loyalty(
                 top1_agreement=means["top1"],
                 nll_compressed=means["nll_compressed"],
                 nll_full=means["nll_full"],
-                cache_bytes_per_token=sum(sizes) / len(sizes),
+                cache_bytes_per_token=sum(sizes) / len(sizes) if sizes else None,
                 full_cache_bytes_per_token=full_cache_bytes_per_token(model),
                 samples=blocks.shape[0],
                 context_len=context_len,
