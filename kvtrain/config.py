@@ -243,6 +243,24 @@ class KVCompressionConfig:
             schedule=self.schedule,
         )
 
+    # ------------------------------------------------------------------ artifact files
+    def with_artifact_paths(self, change) -> "KVCompressionConfig":
+        """A copy whose referenced files (projections, quant plan, layer budgets, query statistics) are
+        replaced by `change(path) -> path`; used to bundle a config with its artifacts and to resolve it."""
+        data = self.to_dict()
+        if data["lowrank"]:
+            data["lowrank"]["projections"] = change(data["lowrank"]["projections"])
+        if data["quant"] and data["quant"]["plan"]:
+            data["quant"]["plan"] = change(data["quant"]["plan"])
+        if isinstance(data["layer_budgets"], str) and data["layer_budgets"] not in ("uniform", "pyramid"):
+            data["layer_budgets"] = change(data["layer_budgets"])
+        scorers = [data["scorer"]] + [o["scorer"] for o in data["layers"].values() if isinstance(o.get("scorer"), dict)]
+        for scorer in scorers:
+            stats = scorer["params"].get("stats")
+            if scorer["name"] == "expected_attention" and stats not in (None, "online"):
+                scorer["params"]["stats"] = change(stats)
+        return KVCompressionConfig.from_dict(data)
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

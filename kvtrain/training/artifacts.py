@@ -1,8 +1,9 @@
 """What a distillation run leaves behind, and loading it back in one call.
 
 An output folder holds the trained weights (`save_pretrained`: a LoRA adapter or full weights), the
-tokenizer, `kv_compression/config.json` (the `KVCompressionConfig` the model was trained for) and
-`kvtrain_training.json` (arguments, the model fingerprint, metrics). `load_compressed` checks that the
+tokenizer, `kv_compression/compression.json` (the `KVCompressionConfig` the model was trained for) with a
+copy of every artifact file it references (projections, quant plan, budgets, query statistics) under a
+name relative to that folder, and `kvtrain_training.json` (arguments, the model fingerprint, metrics). `load_compressed` checks that the
 weights it loads have the fingerprint recorded at training time, so a compression config is never
 silently applied to a model it was not trained with.
 """
@@ -17,10 +18,11 @@ import torch
 from transformers import AutoTokenizer
 
 from kvtrain.config import KVCompressionConfig
-from kvtrain.io import atomic_write_text
+from kvtrain.io import atomic_write_bytes, atomic_write_text
 from kvtrain.models import load_model, model_fingerprint
 
-COMPRESSION_CONFIG = Path("kv_compression") / "config.json"
+ARTIFACTS = "kv_compression"
+COMPRESSION_CONFIG = Path(ARTIFACTS) / "compression.json"
 TRAINING_METADATA = "kvtrain_training.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -28,7 +30,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 def write_artifacts(output_dir: str | Path, kv_config: KVCompressionConfig, metadata: dict[str, Any]) -> None:
     """Write the compression config and the training metadata (JSON, atomically) next to the weights."""
     output_dir = Path(output_dir)
-    kv_config.save(output_dir / COMPRESSION_CONFIG)
+    folder = output_dir / ARTIFACTS
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def bundle(path: str) -> str:
+        source = Path(path)
+        target = folder / source.name
+        if source.resolve() != target.resolve():
+            atomic_write_bytes(target, source.read_bytes())
+        return source.name
+
+    kv_config.with_artifact_paths(bundle).save(output_dir / COMPRESSION_CONFIG)
     atomic_write_text(output_dir / TRAINING_METADATA, json.dumps(metadata, indent=2, default=str))
 
 
@@ -47,7 +59,9 @@ def load_compressed(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     """
     path = Path(path)
     metadata = read_metadata(path)
-    kv_config = KVCompressionConfig.load(path / COMPRESSION_CONFIG)
+    kv_config = KVCompressionConfig.load(path / COMPRESSION_CONFIG).with_artifact_paths(
+        lambda name: str(path / ARTIFACTS / name)
+    )
     if (path / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
