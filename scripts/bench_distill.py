@@ -12,10 +12,7 @@ step-time ratio compares a training step under compression with the same step wi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
@@ -24,7 +21,7 @@ from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.loyalty import evaluate_loyalty
-from kvtrain.eval.report import markdown_table
+from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
 from kvtrain.training.artifacts import load_compressed
@@ -32,13 +29,6 @@ from kvtrain.training.run import main as distill
 
 RECIPE = "recipes/smollm2-135m/distill/gkv.yaml"
 BLOCK, PREFILL = 512, 256
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def train(out: Path, steps: int, kv_config: Path, lr: float) -> dict:
@@ -61,7 +51,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench_distill"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/distill"))
     args = parser.parse_args()
-    revision = commit()
+    info = provenance()
     args.work.mkdir(parents=True, exist_ok=True)
 
     base, tokenizer = load_model("smollm2-135m")
@@ -114,9 +104,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report = (
         "# Compression-aware distillation of SmolLM2-135M-Instruct\n\n"
-        f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}\n"
-        f"- date: {datetime.date.today()}\n- commit: {revision}\n"
-        f"- training: `{RECIPE}` (LoRA r=16, forward KL to the full-cache teacher), {args.steps} steps of one "
+        + provenance_lines(info)
+        + f"- training: `{RECIPE}` (LoRA r=16, forward KL to the full-cache teacher), {args.steps} steps of one "
         f"{BLOCK}-token block (first {PREFILL} = prompt), lr {args.lr}\n"
         f"- loyalty: {args.eval_blocks} held-out blocks, KL(original model, full cache || model under the "
         f"compressed cache) per continuation token, measured by replay (equal to decoding)\n"

@@ -2,7 +2,7 @@
 
 Writes `benchmarks/loyalty/results.csv`, `results.md` (with machine, date, commit) and `kl.png`.
 
-    python scripts/bench_loyalty.py                       # the committed run (about an hour on 2 cores)
+    python scripts/bench_loyalty.py                       # the committed run (about 15 minutes on 2 idle cores)
     python scripts/bench_loyalty.py --samples 1 --ratios 0.5 --decode-context 512   # a quick look
 """
 
@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import io
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig, MergeConfig, ScorerConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.loyalty import evaluate_loyalty
-from kvtrain.eval.report import markdown_table
+from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
 
@@ -50,17 +47,6 @@ POLICIES = {
 
 def policy_config(name: str, ratio: float) -> KVCompressionConfig:
     return KVCompressionConfig(budget=None, compression_ratio=ratio, **POLICIES[name])
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}, torch {torch.__version__}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 @torch.no_grad()
@@ -88,7 +74,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/loyalty"))
     args = parser.parse_args()
-    revision = commit()  # the code being measured, whatever is committed while this runs
+    info = provenance()  # the code being measured, whatever is committed while this runs
 
     model, tokenizer = load_model(args.model)
     texts = load_texts(None, split="heldout")
@@ -129,8 +115,8 @@ def main() -> None:
     plot(rows, args.out / "kl.png")
     header = (
         f"# Loyalty of eviction policies on {args.model}\n\n"
-        f"- machine: {machine()}\n- date: {datetime.date.today()}\n- commit: {revision}\n"
-        f"- data: embedded held-out text, {args.samples} samples, {args.context_len}-token contexts compressed at "
+        + provenance_lines(info)
+        + f"- data: embedded held-out text, {args.samples} samples, {args.context_len}-token contexts compressed at "
         f"prefill, {args.continuation_len}-token real continuations teacher-forced one token at a time\n"
         f"- ratio = fraction of the context evicted; kl = mean KL(full || compressed) per continuation token (nats); "
         f"top1 = agreement of the argmax with the full cache; nll = NLL of the real continuation "
