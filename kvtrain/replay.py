@@ -5,29 +5,39 @@ forward simulates the cache's schedule on that layer's own queries, keys and val
 prefill chunk and every `interval` decode steps, each applying the *same* `LayerCompressor` to the same
 candidates and query window that the cache would hold. Queries between two events attend the keep-set of
 the earlier event plus the causal keys since it. Keep-sets are index lists (per event, row and KV head);
-no S x S mask is ever built. Gradients flow through the kept keys and values, not through selection.
+no S x S mask is ever built. Gradients flow through the kept keys and values, not through selection (nor
+through KeepKV's log votes, which both attention paths treat as constants).
+
+The replay is bound to the model's attention modules, not to the calling thread: gradient checkpointing
+recomputes a layer's forward during backward (on CUDA, in autograd's device thread), and that recomputation
+must attend exactly as the forward did. So keep the block open over forward *and* backward, and run other
+forwards of the same modules (e.g. an adapter-disabled teacher) inside `replay_disabled(model)`. Selection
+is deterministic, so a recomputed layer reproduces its keep-sets.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from kvtrain.attention import attend_with_stored, key_validity, use_kvtrain_attention
+from kvtrain.attention import attend_with_stored, key_validity, use_kernels, use_kvtrain_attention
 from kvtrain.compress import EventRecord, LayerCodecs, LayerCompressor, StoredKV, build_compressors
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
 from kvtrain.models import check_supported
 from kvtrain.rope import rope_theta
 
-_ACTIVE: contextvars.ContextVar["Replay | None"] = contextvars.ContextVar("kvtrain_replay", default=None)
+# Attribute of an attention module holding the replay bound to it (absent or None: no replay).
+_BOUND_ATTR = "_kvtrain_replay"
 
 
-def active_replay() -> "Replay | None":
-    return _ACTIVE.get()
+def bound_replay(module) -> "Replay | None":
+    """The replay bound to this attention module by `replay_compression`, if any."""
+    return getattr(module, _BOUND_ATTR, None)
 
 
 def event_points(schedule: ScheduleConfig, prefill_len: int, seq_len: int) -> list[int]:
@@ -66,11 +76,46 @@ class Replay:
     def attend(
         self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float
     ) -> Tensor:
-        """Attention of a whole teacher-forced sequence under the replayed keep-sets: [b, h_q, S, d_v]."""
+        """Attention of a whole teacher-forced sequence under the replayed keep-sets: [b, h_q, S, d_v].
+
+        query [b, h_q, S, d]; key, value [b, h_kv, S, d]. The events are simulated first (they depend on q/k/v,
+        never on this layer's output); then one `keyset_attention` call (when `use_kernels`) or a loop over
+        the intervals attends them.
+        """
         b, _, seq_len, _ = query.shape
         if seq_len < self.prefill_len:
             raise ValueError(f"replay got a {seq_len}-token sequence but prefill_len={self.prefill_len}")
         valid = key_validity(attention_mask, seq_len, batch=b, device=query.device)
+        keysets = self.simulate(layer_idx, query, key, value, valid, scaling)
+        if use_kernels(query.device):
+            return _keyset_kernel_attention(query, key, value, valid, keysets, scaling)
+        bounds = [ks.start for ks in keysets] + [seq_len]
+        return torch.cat(
+            [
+                attend_with_stored(
+                    query[:, :, start:end],
+                    ks.keys,
+                    ks.values,
+                    ks.bias,
+                    key[:, :, start:end],
+                    value[:, :, start:end],
+                    valid[:, start:end],
+                    scaling,
+                )
+                for ks, start, end in zip(keysets, bounds, bounds[1:])
+            ],
+            dim=2,
+        )
+
+    def simulate(
+        self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, valid: Tensor, scaling: float
+    ) -> list["KeySet"]:
+        """Run the layer's events; one `KeySet` per interval (the first is empty), in order of `start`.
+
+        Records the kept positions (replacing the layer's previous ones, so that a checkpointed layer
+        recomputed in backward does not record its events twice) when the replay was asked to.
+        """
+        seq_len = query.shape[2]
         compressor = self.compressors[layer_idx]
         points = event_points(self.schedule, self.prefill_len, seq_len) if compressor is not None else []
         stored = StoredKV.empty(
@@ -81,23 +126,10 @@ class Replay:
         )
         window = compressor.policy.query_window if compressor is not None else 0
         rope_offset = (~valid[:, : self.prefill_len]).sum(dim=1)
-        outputs = []
+        keysets = [KeySet.of(stored, 0)]
+        records = []
         last_event = -1
-        for start, end in zip([0] + points, points + [seq_len]):
-            outputs.append(
-                attend_with_stored(
-                    query[:, :, start:end],
-                    stored.keys,
-                    stored.values,
-                    stored.attention_bias(),
-                    key[:, :, start:end],
-                    value[:, :, start:end],
-                    valid[:, start:end],
-                    scaling,
-                )
-            )
-            if end == seq_len:
-                break
+        for start, end in zip([0] + points, points):
             stored = stored.append(key[:, :, start:end], value[:, :, start:end], start, valid[:, start:end])
             first_query = max(0, end - window)
             stored, record = compressor(
@@ -111,25 +143,97 @@ class Replay:
                 rope_theta=self.rope_theta,
             )
             last_event = end - 1
-            if record is not None and self.record:
-                self.records[layer_idx].append(record)
-        return torch.cat(outputs, dim=2)
+            keysets.append(KeySet.of(stored, end))
+            if record is not None:
+                records.append(record)
+        if self.record:
+            self.records[layer_idx] = records
+        return keysets
+
+
+@dataclass
+class KeySet:
+    """What the queries of one interval (rows from `start` to the next event) attend besides their own block:
+    keys, values [b, h_kv, n, d] and bias [b, h_kv, n] (0 / log votes, -inf = empty slot; no gradient)."""
+
+    start: int
+    keys: Tensor
+    values: Tensor
+    bias: Tensor
+
+    @classmethod
+    def of(cls, stored: StoredKV, start: int) -> "KeySet":
+        return cls(start, stored.keys, stored.values, stored.attention_bias().detach())
+
+
+def _keyset_kernel_attention(
+    query: Tensor, key: Tensor, value: Tensor, valid: Tensor, keysets: list[KeySet], scaling: float
+) -> Tensor:
+    """All intervals in one `keyset_attention` call, keep-sets padded to the largest with -inf bias slots."""
+    from kvtrain.kernels import keyset_attention
+
+    kept = max(ks.keys.shape[2] for ks in keysets)
+
+    def padded(x: Tensor, fill: float) -> Tensor:
+        extra = kept - x.shape[2]
+        return F.pad(x, (0, 0, 0, extra) if x.dim() == 4 else (0, extra), value=fill)
+
+    return keyset_attention(
+        query,
+        key,
+        value,
+        torch.stack([padded(ks.keys, 0.0) for ks in keysets]),
+        torch.stack([padded(ks.values, 0.0) for ks in keysets]),
+        torch.stack([padded(ks.bias, float("-inf")) for ks in keysets]),
+        [ks.start for ks in keysets],
+        scaling,
+        key_padding=valid,
+        force="triton",
+    )
 
 
 @contextlib.contextmanager
-def replay_compression(model, config: KVCompressionConfig, *, prefill_len: int, record: bool = False):
+def replay_compression(
+    model, config: KVCompressionConfig, *, prefill_len: int, record: bool = False
+) -> Iterator[Replay]:
     """Within this block, full-sequence forwards of `model` attend as the compressed cache would.
 
     `prefill_len` is the number of tokens the cache would have received in multi-token (prefill)
     forwards; every later token counts as one decode step. Yields the `Replay`, whose `records` hold
-    the kept positions per layer and event when `record=True`.
+    the kept positions per layer and event of the latest forward when `record=True`. With gradient
+    checkpointing, run the backward pass inside the block too (see the module docstring).
     """
     check_supported(model.config)
     use_kvtrain_attention(model)
     compressors = build_compressors(config, model.config)
     replay = Replay(compressors, config.schedule, prefill_len, rope_theta(model.config), record)
-    token = _ACTIVE.set(replay)
-    try:
+    with _bound(model, replay):
         yield replay
+
+
+@contextlib.contextmanager
+def replay_disabled(model) -> Iterator[None]:
+    """Within this block, forwards of `model` use full attention even inside `replay_compression`."""
+    with _bound(model, None):
+        yield
+
+
+@contextlib.contextmanager
+def _bound(model, replay: Replay | None) -> Iterator[None]:
+    modules = _attention_modules(model)
+    previous = [bound_replay(m) for m in modules]
+    for m in modules:
+        setattr(m, _BOUND_ATTR, replay)
+    try:
+        yield
     finally:
-        _ACTIVE.reset(token)
+        for m, before in zip(modules, previous):
+            setattr(m, _BOUND_ATTR, before)
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    """The modules the attention function is called with: those carrying `layer_idx` and `scaling`."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__}: found no attention module (with layer_idx and scaling) to replay")
+    return modules

@@ -133,11 +133,6 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
     distill_args, kv_args, training_args, model_args = parse_args(argv)
     kv_config = kv_args.to_config()
     check_output_dir(training_args.output_dir)
-    if training_args.gradient_checkpointing:
-        raise ValueError(
-            "gradient_checkpointing is not supported yet: the recomputation in backward runs outside "
-            "replay_compression, so the student's gradients would be those of full attention"
-        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     transformers.set_seed(training_args.seed)

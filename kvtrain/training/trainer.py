@@ -4,9 +4,10 @@ running under replayed KV compression.
 Per step: (optionally, with probability `on_policy_fraction`) the student samples the continuation of the
 prompt through a `CompressedCache`; the teacher runs a full-attention forward (no grad); the student runs
 the same tokens inside `replay_compression`, which reproduces exactly what the compressed cache would
-attend to after prefilling `prefill_len` tokens and decoding the rest; the divergence between the two
-next-token distributions is computed from hidden states in chunks (`kvtrain.training.losses`) over the
-continuation only (prompt and padding are masked). Only what `Trainer` lacks is written here: the loss,
+attend to after prefilling `prefill_len` tokens and decoding the rest (a training step holds the replay
+over forward and backward, so that gradient checkpointing recomputes layers under it too); the divergence
+between the two next-token distributions is computed from hidden states in chunks
+(`kvtrain.training.losses`) over the continuation only (prompt and padding are masked). Only what `Trainer` lacks is written here: the loss,
 metric logging, loyalty evaluation and atomic checkpoints.
 """
 
@@ -26,7 +27,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from kvtrain.config import KVCompressionConfig
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.generation import position_ids_from_mask
-from kvtrain.replay import replay_compression
+from kvtrain.replay import Replay, replay_compression, replay_disabled
 from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.losses import distillation_loss
@@ -61,7 +62,19 @@ class CompressionDistillationTrainer(Trainer):
         self.loyalty_blocks = loyalty_blocks
         self.loyalty: dict[str, dict] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._step_replay: Replay | None = None
         _check_head_supported(causal_lm(self.model))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """`Trainer.training_step` with the replay bound over forward *and* backward: under gradient
+        checkpointing the backward pass recomputes each layer, which must attend as the forward did."""
+        base = causal_lm(self.accelerator.unwrap_model(model))
+        with replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len) as replay:
+            self._step_replay = replay
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._step_replay = None
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -72,17 +85,18 @@ class CompressionDistillationTrainer(Trainer):
         base = causal_lm(self.accelerator.unwrap_model(model))
         on_policy = self._is_on_policy_step()
         if on_policy:
-            ids, mask = generate_continuations(
-                self.accelerator.unwrap_model(model),
-                base,
-                self.kv_config,
-                ids[:, :prefill],
-                ids.shape[1],
-                temperature=self.distill_args.on_policy_temperature,
-                seed=self.args.seed + 7919 * self.state.global_step + self.accelerator.process_index,
-                pad_token_id=_pad_id(base, self.processing_class),
-                eos_token_id=base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else None,
-            )
+            with replay_disabled(base):
+                ids, mask = generate_continuations(
+                    self.accelerator.unwrap_model(model),
+                    base,
+                    self.kv_config,
+                    ids[:, :prefill],
+                    ids.shape[1],
+                    temperature=self.distill_args.on_policy_temperature,
+                    seed=self.args.seed + 7919 * self.state.global_step + self.accelerator.process_index,
+                    pad_token_id=_pad_id(base, self.processing_class),
+                    eos_token_id=base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else None,
+                )
         positions = position_ids_from_mask(mask)
         # Logit at position i predicts token i + 1: supervise continuation tokens (i + 1 >= prefill) that are real.
         supervised = mask[:, 1:].bool() & mask[:, :-1].bool()
@@ -92,8 +106,9 @@ class CompressionDistillationTrainer(Trainer):
         if on_policy:  # sampled tokens are not ground truth: no cross-entropy on them
             spec = dataclasses.replace(spec, ce_weight=0.0)
         with self.teacher.on_device(ids.device) as teacher:
-            t_hidden = teacher.hidden_states(ids, mask, positions)[:, :-1][supervised]
-            with replay_compression(base, self.kv_config, prefill_len=prefill):
+            with replay_disabled(base):  # an adapter-disabled teacher runs the student's own modules
+                t_hidden = teacher.hidden_states(ids, mask, positions)[:, :-1][supervised]
+            with self._student_replay(base):
                 s_hidden = final_hidden_states(model, ids, mask, positions)[:, :-1][supervised]
             s_head, t_head = base.get_output_embeddings().weight, teacher.head_weight()
             with _gathered(s_head, t_head):
@@ -104,6 +119,13 @@ class CompressionDistillationTrainer(Trainer):
         self._metrics["on_policy"].append(float(on_policy))
         self._metrics["supervised_tokens"].append(float(targets.numel()))
         return (parts.loss, None) if return_outputs else parts.loss
+
+    def _student_replay(self, base) -> contextlib.AbstractContextManager:
+        """The replay for the student forward: the step's own (bound by `training_step`), or, outside a
+        training step (evaluation), one for this forward alone."""
+        if self._step_replay is not None:
+            return contextlib.nullcontext(self._step_replay)
+        return replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len)
 
     def _is_on_policy_step(self) -> bool:
         fraction = self.distill_args.on_policy_fraction

@@ -81,7 +81,6 @@ def test_unwritable_output_dir_fails_before_loading_the_model(tmp_path):
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["--gradient_checkpointing", "true"], "gradient_checkpointing is not supported"),
         (["--resume", "/nonexistent/checkpoint-9"], "not a complete checkpoint"),
     ],
 )
