@@ -145,24 +145,34 @@ class CompressionDistillationTrainer(Trainer):
         super().log(logs, start_time)
 
     def log_loyalty(self, tag: str) -> dict | None:
-        """Loyalty (compressed vs full cache, held-out blocks) of the current model, logged as `loyalty/<tag>/*`."""
+        """Loyalty of the current model under the compressed cache to the full-cache teacher (the original
+        model), on held-out blocks, logged as `loyalty/<tag>/*`. Measured by replay (equal to decoding)."""
         if self.loyalty_blocks is None:
             return None
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+
+        def teacher_logits(ids: Tensor) -> Tensor:
+            ones = torch.ones_like(ids)
+            with self.teacher.on_device(ids.device):
+                hidden = self.teacher.hidden_states(ids, ones, position_ids_from_mask(ones))
+                return hidden @ self.teacher.head_weight().T
+
         try:
             result = evaluate_loyalty(
                 causal_lm(model),
                 [self.kv_config],
                 self.loyalty_blocks.to(self.args.device),
                 context_len=self.distill_args.prefill_len,
+                reference=teacher_logits,
+                method="replay",
                 progress=False,
             )[0].to_dict()
         finally:
             model.train(was_training)
         self.loyalty[tag] = result
-        self.log({f"loyalty/{tag}/{k}": float(v) for k, v in result.items()})
+        self.log({f"loyalty/{tag}/{k}": float(v) for k, v in result.items() if v is not None})
         return result
 
     # ------------------------------------------------------------------ checkpoints
