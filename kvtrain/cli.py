@@ -1,4 +1,4 @@
-"""`kvtrain` command line: prepare-model, generate, eval loyalty."""
+"""`kvtrain` command line: prepare-model, generate, quickstart, calibrate, eval (loyalty, fidelity)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,16 @@ def cmd_eval_loyalty(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from kvtrain.quickstart import QuickstartSettings, run_quickstart
+
+    run_quickstart(QuickstartSettings(out=args.out, steps=args.steps, eval_blocks=args.eval_blocks))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from kvtrain.calibrate.cli import add_calibrate_parser
+    from kvtrain.eval.fidelity import add_fidelity_parser
+
     parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -91,8 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("quickstart", help="prepare-model -> calibrate -> distill -> loyalty before/after, on SmolLM2")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    p.add_argument("--steps", type=int, default=40, help="distillation steps")
+    p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for loyalty")
+    p.set_defaults(func=cmd_quickstart)
+
+    add_calibrate_parser(sub)
+
     p = sub.add_parser("eval", help="evaluation suites")
     suites = p.add_subparsers(dest="suite", required=True)
+    add_fidelity_parser(suites)
     p = suites.add_parser("loyalty", help="KL, top-1 agreement and NLL against the full cache")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", default=None, help="'embedded' (default), a .txt/.jsonl file or a datasets name")

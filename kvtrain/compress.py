@@ -220,9 +220,9 @@ def layer_codecs(config: KVCompressionConfig, model_config) -> list[LayerCodecs]
     num_layers = model_config.num_hidden_layers
     key_pairs = value_pairs = [None] * num_layers
     if config.lowrank is not None:
-        from kvtrain.lowrank.artifacts import load_projections
+        from kvtrain.calibrate.artifacts import projections_for
 
-        key_pairs, value_pairs = load_projections(config.lowrank, model_config)
+        key_pairs, value_pairs = projections_for(config.lowrank, model_config)
     key_bits = value_bits = [None] * num_layers
     if config.quant is not None:
         key_bits, value_bits = [config.quant.key_bits] * num_layers, [config.quant.value_bits] * num_layers

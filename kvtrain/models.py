@@ -241,6 +241,16 @@ def model_fingerprint(config: PretrainedConfig) -> dict[str, Any]:
     return {**fields, "hash": digest}
 
 
+def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], source: str | Path) -> None:
+    """Raise ValueError naming the fingerprint fields that differ between artifacts and a model."""
+    differing = [f for f in sorted(set(recorded) | set(actual)) if f != "hash" and recorded.get(f) != actual.get(f)]
+    if differing:
+        details = ", ".join(f"{f}: {recorded.get(f)!r} in the artifacts, {actual.get(f)!r} for this model" for f in differing)
+        raise ValueError(f"{source}: made for a different model (model_fingerprint differs: {details})")
+    if recorded.get("hash") != actual.get("hash"):
+        raise ValueError(f"{source}: model_fingerprint hash differs from this model's")
+
+
 def tiny_model(
     arch: str = "llama",
     *,

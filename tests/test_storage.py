@@ -9,10 +9,11 @@ from kvtrain.attention import observe_attention
 from kvtrain.cache import CompressedCache
 from kvtrain.config import ConfigError, KVCompressionConfig, LowRankConfig, MergeConfig, QuantConfig, ScheduleConfig, ScorerConfig
 from kvtrain.generation import teacher_forced_decode
-from kvtrain.lowrank.artifacts import load_projections, save_projections
+from kvtrain.calibrate.artifacts import projections_for, write_projections
+from kvtrain.calibrate.fit import Projections
 from kvtrain.lowrank.gram import GramAccumulator, ValueGramAccumulator
 from kvtrain.lowrank.kqsvd import fit_kqsvd, fit_value_projection
-from kvtrain.models import tiny_model
+from kvtrain.models import model_fingerprint, tiny_model
 from kvtrain.quant.tada import bytes_per_token
 from kvtrain.replay import replay_compression
 
@@ -45,12 +46,13 @@ def projections(model, tmp_path_factory):
     with torch.no_grad(), observe_attention(model, collect):
         model(input_ids=calibration)
     attn = [layer.self_attn for layer in model.model.layers]
-    pairs = {
-        "key": [fit_kqsvd(g, HEAD_DIM) for g in grams],
-        "value": [fit_value_projection(v, a.o_proj.weight.detach(), HEAD_DIM) for v, a in zip(value_grams, attn)],
-    }
+    projections = Projections(
+        "kqsvd",
+        [fit_kqsvd(g, HEAD_DIM) for g in grams],
+        [fit_value_projection(v, a.o_proj.weight.detach(), HEAD_DIM) for v, a in zip(value_grams, attn)],
+    )
     path = tmp_path_factory.mktemp("proj") / "projections.safetensors"
-    save_projections(path, pairs, model_config=model.config, method="kqsvd")
+    write_projections(path, projections, model_fingerprint(model.config))
     return path
 
 
@@ -128,14 +130,14 @@ def test_replay_gradients_pass_quantisation_straight_through(model, tokens):
 def test_projections_from_another_model_are_refused(projections):
     other = tiny_model("llama", num_layers=3, hidden_size=64, num_heads=4, num_kv_heads=2, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="num_hidden_layers"):
-        load_projections(LowRankConfig(str(projections)), other.config)
+        projections_for(LowRankConfig(str(projections)), other.config)
 
 
 def test_corrupt_projections_name_the_file(tmp_path, model):
     path = tmp_path / "projections.safetensors"
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="projections.safetensors"):
-        load_projections(LowRankConfig(str(path)), model.config)
+        projections_for(LowRankConfig(str(path)), model.config)
 
 
 @pytest.mark.parametrize(

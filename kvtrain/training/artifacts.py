@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from kvtrain.config import KVCompressionConfig
 from kvtrain.io import atomic_write_bytes, atomic_write_text
-from kvtrain.models import load_model, model_fingerprint
+from kvtrain.models import check_fingerprint, load_model, model_fingerprint
 
 ARTIFACTS = "kv_compression"
 COMPRESSION_CONFIG = Path(ARTIFACTS) / "compression.json"
@@ -71,18 +71,8 @@ def load_compressed(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     else:
         model, _ = load_model(str(path), dtype=dtype, device=device)
         config = model.config
-    check_fingerprint(model_fingerprint(config), metadata["model_fingerprint"], where=str(path))
+    check_fingerprint(metadata["model_fingerprint"], model_fingerprint(config), path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, kv_config
-
-
-def check_fingerprint(actual: dict[str, Any], recorded: dict[str, Any], *, where: str) -> None:
-    if actual.get("hash") == recorded.get("hash"):
-        return
-    differing = {k: (recorded.get(k), actual.get(k)) for k in sorted(set(actual) | set(recorded)) if k != "hash" and actual.get(k) != recorded.get(k)}
-    raise ValueError(
-        f"{where}: the model does not match the artifacts (trained with a different model); "
-        f"differing fields (recorded, loaded): {differing}"
-    )

@@ -57,7 +57,7 @@ def test_artifacts_of_another_model_are_refused(ddp_output, tmp_path):
     tiny_tokenizer().save_pretrained(other)
     shutil.copytree(ddp_output / "kv_compression", other / "kv_compression")
     shutil.copy(ddp_output / "kvtrain_training.json", other / "kvtrain_training.json")
-    with pytest.raises(ValueError, match=r"does not match the artifacts.*num_hidden_layers.*\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"different model.*num_hidden_layers: 2 in the artifacts, 3 for this model"):
         load_compressed(other)
 
 

@@ -1,0 +1,276 @@
+"""`calibrate`: one streaming statistics pass (checkpointed, resumable), the TaDA sensitivity pass, the fits.
+
+Resume: every ``checkpoint_every`` blocks the accumulators are written to
+``DIR/kv_compression/.calibration_state/accumulators-<blocks>.safetensors`` and then ``progress.json``
+(blocks done, data hash, run key, the accumulator file and TaDA rows measured so far) is replaced atomically
+to point at it, so a run killed at any moment resumes from the last complete checkpoint. Blocks are always
+processed one at a time in the same order and all sums are float64, so a resumed run writes artifacts that
+are bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kvtrain.attention import observe_attention
+from kvtrain.calibrate import artifacts as art
+from kvtrain.calibrate.fit import METHODS, RankChoice, check_calibration_tokens, fit_projections, kqsvd_spectra, o_proj_weights
+from kvtrain.calibrate.head_budgets import head_budgets
+from kvtrain.calibrate.sensitivity import tada_sensitivity
+from kvtrain.calibrate.statistics import ModelShape, StatisticsCollector, check_default_rope
+from kvtrain.data import load_texts, token_blocks
+from kvtrain.io import atomic_write_bytes, atomic_write_text
+from kvtrain.models import model_fingerprint
+from kvtrain.quant import Budget, plan_bits, write_quant_plan
+
+FITS = ("kqsvd", "query-stats", "head-budgets", "tada")
+STATE_DIR = ".calibration_state"
+PROGRESS = "progress.json"
+# Which statistics each fit needs from the streaming pass (tada has its own pass).
+_GROUPS = {"kqsvd": "grams", "query-stats": "query_stats", "head-budgets": "head_behaviour"}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Every hyperparameter of a calibration run (all recorded in ``config.json``)."""
+
+    num_blocks: int = 16
+    block_len: int = 512
+    method: str = "kqsvd"  # kqsvd | ksvd | eigen
+    rank: int | None = None  # uniform key rank; else rank_budget; else energy_eps
+    rank_budget: int | None = None  # total key rank over layers (global allocator)
+    energy_eps: float = 0.1
+    value_rank: int | None = None
+    value_rank_budget: int | None = None
+    n_sink: int = 4  # leading tokens of each block left out of the query statistics
+    head_budget: int = 512  # mean tokens per layer the head budgets redistribute
+    head_floor: float = 0.25  # every layer keeps at least this fraction of head_budget
+    head_beta: float = 0.5  # importance = beta * copy + (1 - beta) * spread
+    head_entropy_stride: int = 4  # spread is averaged over every k-th query (t = k, 2k, ...)
+    tada_budget: float = 4.0  # average bits over layers
+    tada_blocks: int = 2  # calibration blocks used by the sensitivity pass
+    tada_group_size: int = 32
+    tada_residual_length: int = 128
+    checkpoint_every: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_len", "head_budget", "head_entropy_stride", "tada_blocks",
+                     "tada_group_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        if self.tada_blocks > self.num_blocks:
+            raise ValueError(f"tada_blocks={self.tada_blocks} exceeds num_blocks={self.num_blocks}")
+        if not self.tada_budget > 0:
+            raise ValueError(f"tada_budget={self.tada_budget} must be positive (average bits)")
+        self.key_choice(), self.value_choice()
+
+    def key_choice(self) -> RankChoice:
+        return RankChoice(self.rank, self.rank_budget, self.energy_eps)
+
+    def value_choice(self) -> RankChoice:
+        return RankChoice(self.value_rank, self.value_rank_budget, self.energy_eps)
+
+
+def token_hash(blocks: Tensor) -> str:
+    """sha256 of the token ids as little-endian int64 in block order."""
+    return hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()).hexdigest()
+
+
+def _check_fits(fit: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    fit = tuple(fit)
+    unknown = sorted(set(fit) - set(FITS))
+    if unknown or not fit:
+        raise ValueError(f"fit={list(fit)}: choose a non-empty subset of {list(FITS)}")
+    return tuple(f for f in FITS if f in fit)
+
+
+class _State:
+    """The checkpoint folder of one run; ``key`` identifies what it was written for."""
+
+    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
+        self.folder, self.key = folder, key
+
+    def load(self) -> dict[str, Any] | None:
+        path = self.folder / PROGRESS
+        if not path.is_file():
+            return None
+        try:
+            progress = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); delete it or run with resume=False") from err
+        for field, value in self.key.items():
+            if progress.get("key", {}).get(field) != value:
+                raise ValueError(
+                    f"{path}: the checkpoint was written for a different {field} "
+                    f"({progress.get('key', {}).get(field)!r}, now {value!r}); run with resume=False to start over"
+                )
+        return progress
+
+    def save(self, previous: dict[str, Any] | None, blocks_done: int, tensors: dict[str, Tensor] | None = None,
+             tada_rows: list[dict[int, float]] | None = None) -> dict[str, Any]:
+        """Checkpoint; ``tensors`` / ``tada_rows`` left None keep what ``previous`` recorded."""
+        previous = previous or {}
+        accumulators = previous.get("accumulators")
+        if tensors is not None:
+            accumulators = f"accumulators-{blocks_done:06d}.safetensors"
+            atomic_write_bytes(self.folder / accumulators, save(tensors))
+        rows = previous.get("tada_rows", []) if tada_rows is None else [
+            {str(b): v for b, v in row.items()} for row in tada_rows
+        ]
+        progress = {"key": self.key, "blocks_done": blocks_done, "accumulators": accumulators, "tada_rows": rows}
+        atomic_write_text(self.folder / PROGRESS, json.dumps(progress, indent=2))
+        for stale in self.folder.glob("accumulators-*.safetensors"):
+            if stale.name != accumulators:
+                stale.unlink()
+        return progress
+
+
+@torch.no_grad()
+def _statistics_pass(model, collector: StatisticsCollector, blocks: Tensor, state: _State,
+                     progress_state: dict[str, Any] | None, every: int, progress: bool) -> dict[str, Any] | None:
+    start = 0
+    if progress_state and progress_state.get("accumulators"):
+        collector.load_state_dict(load_file(str(state.folder / progress_state["accumulators"])))
+        start = progress_state["blocks_done"]
+    base = model.model  # the decoder stack: calibration needs no logits
+    bar = tqdm(total=len(blocks), initial=start, desc="calibration statistics", unit="block", disable=not progress)
+    with observe_attention(model, collector.observe):
+        for i in range(start, len(blocks)):
+            collector.start_block(blocks[i])
+            base(input_ids=blocks[i][None])
+            bar.update(1)
+            if (i + 1) % every == 0 and i + 1 < len(blocks):
+                progress_state = state.save(progress_state, i + 1, collector.state_dict())
+    bar.close()
+    if start == len(blocks):
+        return progress_state
+    return state.save(progress_state, len(blocks), collector.state_dict())
+
+
+def calibrate(
+    model,
+    tokenizer,
+    *,
+    out_dir: str | Path,
+    data: str | None = None,
+    split: str = "train",
+    fit: tuple[str, ...] | list[str] = FITS,
+    resume: bool = True,
+    progress: bool = True,
+    settings: CalibrationSettings | None = None,
+    **overrides: Any,
+) -> Path:
+    """Calibrate ``model`` on ``data`` and write the artifacts; returns ``out_dir/kv_compression``.
+
+    ``data``/``split`` are passed to `kvtrain.data.load_texts` (None: the embedded text) and cut into
+    ``num_blocks`` blocks of ``block_len`` tokens. ``overrides`` are `CalibrationSettings` fields
+    (``num_blocks=16, block_len=512, rank=..., rank_budget=..., energy_eps=..., tada_budget=...``).
+    ``fit`` chooses among ``kqsvd`` (projections.safetensors with ``method``), ``query-stats``,
+    ``head-budgets`` and ``tada`` (quant_plan.json).
+    """
+    settings = CalibrationSettings(**{**asdict(settings or CalibrationSettings()), **overrides})
+    fits = _check_fits(fit)
+    shape = ModelShape.of(model)
+    if "query-stats" in fits:
+        check_default_rope(model.config)
+    folder = Path(out_dir) / art.ARTIFACT_DIR
+    blocks = token_blocks(tokenizer, load_texts(data, split), settings.block_len, settings.num_blocks)
+    num_tokens = blocks.numel()
+    if "kqsvd" in fits:
+        check_calibration_tokens(num_tokens, {"key": settings.key_choice(), "value": settings.value_choice()})
+    fingerprint = model_fingerprint(model.config)
+    data_hash = token_hash(blocks)
+    state = _State(folder / STATE_DIR, {
+        "model_fingerprint": fingerprint["hash"],
+        "token_ids_sha256": data_hash,
+        "groups": sorted(_GROUPS[f] for f in fits if f in _GROUPS),
+        "n_sink": settings.n_sink,
+        "head_entropy_stride": settings.head_entropy_stride,
+        "tada": [settings.tada_blocks, settings.tada_group_size] if "tada" in fits else None,
+    })
+    if not resume and state.folder.exists():
+        shutil.rmtree(state.folder)
+    state.folder.mkdir(parents=True, exist_ok=True)
+    progress_state = state.load()
+
+    collector = StatisticsCollector(shape, tuple(_GROUPS[f] for f in fits if f in _GROUPS), settings.n_sink,
+                                    settings.head_entropy_stride)
+    if collector.groups:
+        progress_state = _statistics_pass(model, collector, blocks, state, progress_state,
+                                          settings.checkpoint_every, progress)
+    tada_rows: list[dict[int, float]] = []
+    if "tada" in fits:
+        done = [{int(b): v for b, v in row.items()} for row in (progress_state or {}).get("tada_rows", [])]
+        tada_rows = tada_sensitivity(
+            model, blocks[: settings.tada_blocks], settings.tada_group_size, done=done, progress=progress,
+            on_layer=lambda rows: state.save(progress_state, len(blocks), tada_rows=rows),
+        )
+
+    results = _write_fits(model, folder, fits, settings, shape, collector, tada_rows, fingerprint)
+    config = {
+        "kind": art.KIND,
+        "schema_version": art.SCHEMA_VERSION,
+        "model_fingerprint": fingerprint,
+        "data": {"source": data or "embedded", "split": split, "num_blocks": int(blocks.shape[0]),
+                 "block_len": int(blocks.shape[1]), "num_tokens": int(num_tokens), "token_ids_sha256": data_hash},
+        "fit": list(fits),
+        "settings": asdict(settings),
+        "results": results,
+        "files": [name for name in (art.PROJECTIONS, art.QUANT_PLAN, art.QUERY_STATS, art.HEAD_BUDGETS)
+                  if name in results["written"]],
+    }
+    art.write_config(folder, config)
+    shutil.rmtree(state.folder)
+    return folder
+
+
+def _write_fits(model, folder: Path, fits: tuple[str, ...], settings: CalibrationSettings, shape: ModelShape,
+                collector: StatisticsCollector, tada_rows: list[dict[int, float]],
+                fingerprint: dict[str, Any]) -> dict[str, Any]:
+    results: dict[str, Any] = {"written": []}
+    if "kqsvd" in fits:
+        o_proj = o_proj_weights(model)
+        key_spectra, value_spectra = kqsvd_spectra(collector.grams, collector.values, o_proj)
+        key_ranks = settings.key_choice().ranks(key_spectra)
+        value_ranks = settings.value_choice().ranks(value_spectra)
+        projections = fit_projections(collector.grams, collector.values, o_proj, settings.method, key_ranks,
+                                      value_ranks)
+        art.write_projections(folder / art.PROJECTIONS, projections, fingerprint)
+        results.update(key_ranks=key_ranks, value_ranks=value_ranks)
+        results["written"].append(art.PROJECTIONS)
+    if "query-stats" in fits:
+        from kvtrain.policies.query_stats import save_query_stats
+
+        mu, sigma = collector.query_moments()
+        tmp = folder / f".{art.QUERY_STATS}.tmp"
+        save_query_stats(tmp, mu, sigma, fingerprint)
+        atomic_write_bytes(folder / art.QUERY_STATS, art.canonical_safetensors(tmp.read_bytes()))
+        tmp.unlink()
+        results["written"].append(art.QUERY_STATS)
+    if "head-budgets" in fits:
+        copy, spread, events = collector.head_behaviour()
+        content = head_budgets(copy, spread, events, settings.head_budget, settings.head_floor, settings.head_beta)
+        atomic_write_text(folder / art.HEAD_BUDGETS, json.dumps(content, indent=2) + "\n")
+        results["layer_budgets"] = content["budgets"]
+        results["written"].append(art.HEAD_BUDGETS)
+    if "tada" in fits:
+        plan = plan_bits(tada_rows, Budget("average_bits", settings.tada_budget), shape.num_kv_heads,
+                         shape.head_dim, settings.tada_group_size, settings.tada_residual_length)
+        write_quant_plan(folder / art.QUANT_PLAN, plan)
+        results["tada_sensitivity"] = [{str(b): v for b, v in row.items()} for row in tada_rows]
+        results["tada_bits"] = plan.bits
+        results["written"].append(art.QUANT_PLAN)
+    return results
