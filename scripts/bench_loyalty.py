@@ -27,10 +27,10 @@ from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
 
 # name -> config fields besides the ratio (kvpress convention: the fraction evicted).
-POLICIES = {
+POLICIES = {  # every scorer that reads attention sees the same 128 most recent queries
     "streaming": {"scorer": ScorerConfig("streaming")},
     "h2o": {"scorer": ScorerConfig("h2o"), "query_window": 128},
-    "snapkv": {"scorer": ScorerConfig("snapkv")},
+    "snapkv": {"scorer": ScorerConfig("snapkv", {"window": 128}), "query_window": 128},
     "tova": {"scorer": ScorerConfig("tova")},
     "key_norm": {"scorer": ScorerConfig("key_norm")},
     "value_norm": {"scorer": ScorerConfig("value_norm")},
@@ -40,8 +40,9 @@ POLICIES = {
         "query_window": 128,
         "selection": "head_adaptive",
     },
-    "gkv": {"scorer": ScorerConfig("gkv")},
-    "snapkv+keepkv": {"scorer": ScorerConfig("snapkv"), "merge": MergeConfig()},
+    "gkv": {"scorer": ScorerConfig("gkv"), "query_window": 128},
+    "gkv (no redundancy)": {"scorer": ScorerConfig("gkv", {"redundancy": False}), "query_window": 128},
+    "snapkv+keepkv": {"scorer": ScorerConfig("snapkv", {"window": 128}), "query_window": 128, "merge": MergeConfig()},
 }
 
 

@@ -170,7 +170,7 @@ def test_file_scorer_matches_reference(tmp_path):
     mu, sigma = random_stats(3, 6, 8, 22)
     path = tmp_path / "stats.safetensors"
     save_query_stats(path, mu, sigma, {"model": "tiny"})
-    scores, _ = build_scorer("expected_attention", {"stats": str(path), "n_future_positions": 64})(inputs, {})
+    scores, _ = build_scorer("expected_attention", {"stats": str(path), "n_future_positions": 64, "epsilon": 0.02})(inputs, {})
     ref = ref_expected_attention(inputs, 64, 0.02, True, True, stats=(mu[1], sigma[1]))
     assert_valid_close(scores, ref, inputs)
 
