@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="prepare-model -> calibrate -> distill -> loyalty before/after, on SmolLM2")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    p.add_argument("--steps", type=int, default=40, help="distillation steps")
+    p.add_argument("--steps", type=int, default=60, help="distillation steps")
     p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for loyalty")
     p.set_defaults(func=cmd_quickstart)
 

@@ -1,8 +1,9 @@
 """`kvtrain quickstart`: the whole pipeline on the embedded model and text, in minutes on a CPU.
 
-prepare SmolLM2 -> calibrate (KQ-SVD projections, query statistics, head budgets) -> distil under a G-KV
-compressed cache (LoRA, forward KL to the full-cache model) -> loyalty before/after on held-out text ->
-`report.md` + `report.json` + `loss.png` in the output folder. Each stage is the same code as its own command.
+prepare SmolLM2 -> calibrate per-layer budgets from measured head behaviour -> distil under a G-KV compressed
+cache with those budgets (LoRA, forward KL to the full-cache model) -> loyalty before/after on held-out text ->
+`report.md` + `report.json` + `loss.png` in the output folder. Each stage is the same code as its own command,
+and the distilled checkpoint carries its `kv_compression/` (config + head budgets).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtrain.calibrate.run import calibrate
+from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, print_table
@@ -22,17 +24,18 @@ from kvtrain.training.artifacts import load_compressed
 from kvtrain.training.run import main as distill
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "distill" / "gkv.yaml"
+RECIPE_BUDGET = 128  # the recipe's kv_budget: the mean the calibrated per-layer budgets keep
 
 
 @dataclass
 class QuickstartSettings:
     out: Path = Path("runs/quickstart")
-    steps: int = 40
+    steps: int = 60
     block_len: int = 512
     prefill_len: int = 256
     calibration_blocks: int = 4
     eval_blocks: int = 4
-    learning_rate: float = 2e-4
+    learning_rate: float = 4e-4
 
 
 def run_quickstart(settings: QuickstartSettings) -> Path:
@@ -45,14 +48,18 @@ def run_quickstart(settings: QuickstartSettings) -> Path:
     timings["prepare"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    calibrate(
+    artifacts = calibrate(
         base,
         tokenizer,
         out_dir=out / "calibration",
-        fit=("kqsvd", "query-stats", "head-budgets"),
+        fit=("head-budgets",),
         num_blocks=settings.calibration_blocks,
         block_len=settings.block_len,
+        head_budget=RECIPE_BUDGET,
     )
+    # The recipe's kv_* fields set the policy; the calibrated per-layer budgets come from this file.
+    compression_file = out / "compression.json"
+    KVCompressionConfig(budget=RECIPE_BUDGET, layer_budgets=str(artifacts / "head_budgets.json")).save(compression_file)
     timings["calibrate"] = time.perf_counter() - start
 
     held_out = token_blocks(tokenizer, load_texts(None, split="heldout"), settings.block_len, n_blocks=settings.eval_blocks)
@@ -67,6 +74,7 @@ def run_quickstart(settings: QuickstartSettings) -> Path:
             "--gradient_accumulation_steps", "1", "--learning_rate", str(settings.learning_rate),
             "--warmup_steps", "2", "--save_strategy", "no", "--loyalty_blocks", "0", "--logging_steps", "2",
             "--block_len", str(settings.block_len), "--prefill_len", str(settings.prefill_len),
+            "--kv_config", str(compression_file),
         ]
     )
     timings["distill"] = time.perf_counter() - start
@@ -95,7 +103,8 @@ def run_quickstart(settings: QuickstartSettings) -> Path:
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
     atomic_write_text(
         out / "report.md",
-        "# kvtrain quickstart: SmolLM2-135M-Instruct under G-KV (128 tokens kept per KV head)\n\n"
+        f"# kvtrain quickstart: SmolLM2-135M-Instruct under G-KV ({RECIPE_BUDGET} tokens per KV head on average, "
+        "per-layer budgets calibrated from head behaviour)\n\n"
         f"Held-out loyalty to the original full-cache model over {settings.eval_blocks} blocks of "
         f"{settings.block_len} tokens (the first {settings.prefill_len} prefilled and compressed, the rest decoded "
         f"with compression every {config.schedule.interval} steps), after {settings.steps} LoRA distillation "
