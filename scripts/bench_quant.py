@@ -10,6 +10,7 @@ prompt token archived as packed TaDA codes, the continuation decoded one token a
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from kvtrain.calibrate.run import calibrate
@@ -19,7 +20,7 @@ from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
-from kvtrain.quant.bitplan import read_quant_plan
+from kvtrain.quant.bitplan import QuantPlan, read_quant_plan, write_quant_plan
 
 
 def quant_config(**quant) -> KVCompressionConfig:
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--continuation-len", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("runs/bench_quant"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/quant"))
+    parser.add_argument("--report", default="results.md")
     args = parser.parse_args()
     info = provenance()
 
@@ -47,13 +49,14 @@ def main() -> None:
     )
     plan_path = folder / "quant_plan.json"
     plan = read_quant_plan(plan_path)
-    uniform_bits = int(args.average_bits)
+    reversed_plan = QuantPlan(list(reversed(plan.bits)), plan.group_size, plan.residual_length, plan.budget)
+    write_quant_plan(args.work / "reversed_plan.json", reversed_plan)
     configs = {
-        f"adaptive (calibrated plan, mean {sum(plan.bits) / len(plan.bits):.2f} bits)": quant_config(
-            plan=str(plan_path), group_size=plan.group_size
-        ),
-        f"uniform {uniform_bits}-bit": quant_config(key_bits=uniform_bits, value_bits=uniform_bits, group_size=plan.group_size),
+        f"calibrated plan (mean {sum(plan.bits) / len(plan.bits):.2f} bits)": quant_config(plan=str(plan_path), group_size=plan.group_size),
+        "same bits, layers reversed (equal bytes)": quant_config(plan=str(args.work / "reversed_plan.json"), group_size=plan.group_size),
     }
+    for bits in sorted({2 ** int(math.log2(args.average_bits)), 2 ** math.ceil(math.log2(args.average_bits))}):
+        configs[f"uniform {bits}-bit"] = quant_config(key_bits=bits, value_bits=bits, group_size=plan.group_size)
     texts = load_texts(None, split="heldout")
     blocks = token_blocks(tokenizer, texts, args.context_len + args.continuation_len, n_blocks=args.samples)
     results = evaluate_loyalty(model, list(configs.values()), blocks, context_len=args.context_len)
@@ -74,7 +77,7 @@ def main() -> None:
         f"recent tokens)\n\n"
         + markdown_table(rows)
     )
-    atomic_write_text(args.out / "results.md", report)
+    atomic_write_text(args.out / args.report, report)
     print(report)
 
 
