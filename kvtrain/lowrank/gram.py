@@ -140,8 +140,10 @@ class GramAccumulator:
         return out
 
 
-class ValueGramAccumulator:
-    """Per KV head value Gram ``G_V = sum v v^T`` (float64 ``[h_kv, d, d]``) and the token count."""
+class _SingleGram:
+    """One float64 Gram (attribute named by ``_FIELD``) plus a token count; checkpointable and mergeable."""
+
+    _FIELD = ""
 
     def __init__(self, num_kv_heads: int, head_dim: int, layer_idx: int | None = None) -> None:
         for field, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -150,78 +152,68 @@ class ValueGramAccumulator:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.layer_idx = layer_idx
-        self.value_gram = torch.zeros(num_kv_heads, head_dim, head_dim, dtype=torch.float64)
+        setattr(self, self._FIELD, torch.zeros(self._shape(), dtype=torch.float64))
         self.num_tokens = 0
 
-    def update(self, values: Tensor, mask: Tensor | None = None) -> None:
-        """Add values ``[T, h_kv, d]`` or ``[b, h_kv, n, d]`` (mask ``[T]`` / ``[b, n]``)."""
-        v = token_rows(values, self.num_kv_heads, mask, "values", self.layer_idx)
-        if v.shape[-1] != self.head_dim:
-            raise ValueError(f"{_where(self.layer_idx)}: values head_dim {v.shape[-1]} is not {self.head_dim}")
-        self.value_gram += torch.einsum("hnd,hne->hde", v, v)
-        self.num_tokens += v.shape[1]
+    def _shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _rows(self, x: Tensor, mask: Tensor | None, name: str) -> Tensor:
+        rows = token_rows(x, self.num_kv_heads, mask, name, self.layer_idx)
+        if rows.shape[-1] != self.head_dim:
+            raise ValueError(f"{_where(self.layer_idx)}: {name} head_dim {rows.shape[-1]} is not {self.head_dim}")
+        return rows
 
     def _config(self) -> dict[str, Any]:
         return {"num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._config(), "value_gram": self.value_gram.clone(), "num_tokens": self.num_tokens}
+        return {**self._config(), self._FIELD: getattr(self, self._FIELD).clone(), "num_tokens": self.num_tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_loaded(state, self._config(), {"value_gram": (self.num_kv_heads, self.head_dim, self.head_dim)})
-        self.value_gram = state["value_gram"].to(torch.float64).clone()
+        _check_loaded(state, self._config(), {self._FIELD: self._shape()})
+        setattr(self, self._FIELD, state[self._FIELD].to(torch.float64).clone())
         self.num_tokens = int(state["num_tokens"])
 
-    def merge(self, other: ValueGramAccumulator) -> ValueGramAccumulator:
-        if other._config() != self._config():
+    def merge(self, other: "_SingleGram") -> "_SingleGram":
+        if type(other) is not type(self) or other._config() != self._config():
             raise ValueError(f"cannot merge accumulators with configs {self._config()} and {other._config()}")
-        out = ValueGramAccumulator(self.num_kv_heads, self.head_dim, self.layer_idx)
-        out.value_gram = self.value_gram + other.value_gram
+        out = type(self)(self.num_kv_heads, self.head_dim, self.layer_idx)
+        setattr(out, self._FIELD, getattr(self, self._FIELD) + getattr(other, self._FIELD))
         out.num_tokens = self.num_tokens + other.num_tokens
         return out
 
 
-class JointKeyGramAccumulator:
+class ValueGramAccumulator(_SingleGram):
+    """Per KV head value Gram ``G_V = sum v v^T`` (float64 ``[h_kv, d, d]``) and the token count."""
+
+    _FIELD = "value_gram"
+
+    def _shape(self) -> tuple[int, ...]:
+        return (self.num_kv_heads, self.head_dim, self.head_dim)
+
+    def update(self, values: Tensor, mask: Tensor | None = None) -> None:
+        """Add values ``[T, h_kv, d]`` or ``[b, h_kv, n, d]`` (mask ``[T]`` / ``[b, n]``)."""
+        v = self._rows(values, mask, "values")
+        self.value_gram += torch.einsum("hnd,hne->hde", v, v)
+        self.num_tokens += v.shape[1]
+
+
+class JointKeyGramAccumulator(_SingleGram):
     """SALS calibration: Gram of pre-RoPE keys with the KV heads concatenated, ``C = K^T K``.
 
     ``gram`` is float64 ``[h_kv*d, h_kv*d]`` where coordinate ``h*d + i`` is channel i of KV head h.
     """
 
-    def __init__(self, num_kv_heads: int, head_dim: int, layer_idx: int | None = None) -> None:
-        for field, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if value <= 0:
-                raise ValueError(f"{field}={value} must be positive")
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.layer_idx = layer_idx
-        width = num_kv_heads * head_dim
-        self.gram = torch.zeros(width, width, dtype=torch.float64)
-        self.num_tokens = 0
+    _FIELD = "gram"
+
+    def _shape(self) -> tuple[int, ...]:
+        width = self.num_kv_heads * self.head_dim
+        return (width, width)
 
     def update(self, keys: Tensor, mask: Tensor | None = None) -> None:
         """Add pre-RoPE keys ``[T, h_kv, d]`` or ``[b, h_kv, n, d]`` (mask ``[T]`` / ``[b, n]``)."""
-        k = token_rows(keys, self.num_kv_heads, mask, "keys", self.layer_idx)
-        if k.shape[-1] != self.head_dim:
-            raise ValueError(f"{_where(self.layer_idx)}: keys head_dim {k.shape[-1]} is not {self.head_dim}")
+        k = self._rows(keys, mask, "keys")
         joint = k.permute(1, 0, 2).reshape(k.shape[1], -1)
         self.gram += joint.T @ joint
         self.num_tokens += joint.shape[0]
-
-    def _config(self) -> dict[str, Any]:
-        return {"num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._config(), "gram": self.gram.clone(), "num_tokens": self.num_tokens}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_loaded(state, self._config(), {"gram": tuple(self.gram.shape)})
-        self.gram = state["gram"].to(torch.float64).clone()
-        self.num_tokens = int(state["num_tokens"])
-
-    def merge(self, other: JointKeyGramAccumulator) -> JointKeyGramAccumulator:
-        if other._config() != self._config():
-            raise ValueError(f"cannot merge accumulators with configs {self._config()} and {other._config()}")
-        out = JointKeyGramAccumulator(self.num_kv_heads, self.head_dim, self.layer_idx)
-        out.gram = self.gram + other.gram
-        out.num_tokens = self.num_tokens + other.num_tokens
-        return out
