@@ -48,6 +48,16 @@ class ScoreInputs:
         b, hq, w, d = self.queries.shape
         return self.queries.view(b, self.keys.shape[1], hq // self.keys.shape[1], w, d)
 
+    def real_queries(self) -> Tensor:
+        """[b, w] bool: window queries that are the row's own tokens, not left padding."""
+        return self.query_positions[None, :] >= self.rope_offset[:, None]
+
+    def mean_over_real_queries(self, per_query: Tensor) -> Tensor:
+        """Mean of `per_query` [b, h, w', n] over the row's real queries among the last w' window queries, so
+        that a left-padded row scores like the same row unpadded."""
+        real = self.real_queries()[:, -per_query.shape[2] :].to(per_query.dtype)
+        return (per_query * real[:, None, :, None]).sum(dim=2) / real.sum(dim=1).clamp(min=1.0)[:, None, None]
+
     def window_attention(self) -> Tensor:
         """Softmax attention of each window query over the candidates: [b, h_kv, g, w, n].
 

@@ -84,8 +84,7 @@ def online_query_stats(inputs: ScoreInputs) -> tuple[Tensor, Tensor]:
     """Mean ``[b, h_q, d]`` and (biased) covariance ``[b, h_q, d, d]`` of the row's real pre-RoPE window queries."""
     rope_pos = inputs.query_positions[None, :] - inputs.rope_offset[:, None]  # [b, w]
     pre = unrotate_queries(inputs.queries, rope_pos, inputs.rope_theta)
-    # Left-padding queries (negative RoPE position) are not the row's queries.
-    real = (rope_pos >= 0).float()[:, None, :, None]  # [b, 1, w, 1]
+    real = inputs.real_queries().float()[:, None, :, None]  # [b, 1, w, 1]
     count = real.sum(dim=2, keepdim=True).clamp(min=1.0)
     mu = (pre * real).sum(dim=2, keepdim=True) / count
     centred = (pre - mu) * real

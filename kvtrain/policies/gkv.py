@@ -17,8 +17,7 @@ def local_attention_score(inputs: ScoreInputs) -> Tensor:
     """Per-event local score ``S^`` ``[b, h_kv, n]``: window attention, max over the GQA group, mean over the
     row's real window queries, divided by its maximum over the valid keys of each head (so max S^ = 1)."""
     attn = inputs.window_attention().amax(dim=2)  # [b, h_kv, w, n]
-    real = (inputs.query_positions[None, :] >= inputs.rope_offset[:, None]).float()  # [b, w]
-    score = (attn * real[:, None, :, None]).sum(dim=2) / real.sum(dim=1).clamp(min=1.0)[:, None, None]
+    score = inputs.mean_over_real_queries(attn)
     score = score.masked_fill(~inputs.valid, 0.0)
     return score / score.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(score.dtype).tiny)
 

@@ -29,11 +29,7 @@ class SnapKVScorer(Scorer):
 
     def __call__(self, inputs: ScoreInputs, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         attn = inputs.window_attention()[:, :, :, -self.window :, :].mean(dim=2)  # [b, h_kv, w', n]
-        qpos = inputs.query_positions[-self.window :]
-        # Left-padding queries (before the row's first real token) are not part of the row's window: they
-        # must not dilute the mean, so that a padded row scores like the unpadded one.
-        real = (qpos[None, :] >= inputs.rope_offset[:, None]).float()  # [b, w']
-        mean = (attn * real[:, None, :, None]).sum(dim=2) / real.sum(dim=1).clamp(min=1.0)[:, None, None]
+        mean = inputs.mean_over_real_queries(attn)
         if self.kernel_size > 1:
             b, h, n = mean.shape
             masked = mean.masked_fill(~inputs.valid, float("-inf")).reshape(b * h, 1, n)
