@@ -274,3 +274,39 @@ def test_bad_inputs_raise():
     stale = ScoreInputs(**{**inputs.__dict__, "last_event_position": 100})
     with pytest.raises(ValueError, match="never seen"):
         KeepKVMerger()(stale, {}, keep_idx, keep_valid)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_trust_region_bounds_the_key_rescale(seed):
+    """Each merged key is its group's vote-and-score-weighted mean key times a factor in [1/1.25, 1.25]
+    (1 when the paper's factor falls outside): checked against the weighted mean computed here by hand."""
+    inputs = make_inputs(seed)
+    keep_idx, keep_valid = keep_set(inputs, 4, seed)
+    keys, _, _, _ = KeepKVMerger(threshold=0.5, ema_alpha=0.0, max_rescale=1.25)(inputs, {}, keep_idx, keep_valid)
+    paper, _, _, _ = KeepKVMerger(threshold=0.5, ema_alpha=0.0, max_rescale=float("inf"))(inputs, {}, keep_idx, keep_valid)
+    merged_into = ref_pairing(inputs, keep_idx, keep_valid, 0.5)
+    q = inputs.queries[:, :, -1]  # alpha = 0: the predicted scores are the last query's
+    factors = []
+    b, h, _, _ = inputs.keys.shape
+    for r in range(b):
+        for hd in range(h):
+            for slot in range(keep_idx.shape[-1]):
+                if not keep_valid[r, hd, slot]:
+                    continue
+                c = int(keep_idx[r, hd, slot])
+                group = [c] + [e for e in range(inputs.keys.shape[2]) if merged_into[r, hd, e] == c]
+                if len(group) == 1:
+                    continue
+                weights = torch.stack(
+                    [inputs.log_votes[r, hd, i].exp() * torch.exp(q[r, hd] @ inputs.keys[r, hd, i] * SCALING) for i in group]
+                )
+                mean = (weights[:, None] * inputs.keys[r, hd, group]).sum(0) / weights.sum()
+                out = keys[r, hd, slot]
+                assert float(F.cosine_similarity(out, mean, dim=0)) > 1 - 1e-9
+                factor = float(out.norm() / mean.norm())
+                assert 1 / 1.25 - 1e-9 <= factor <= 1.25 + 1e-9
+                factors.append((factor, float(paper[r, hd, slot].norm() / mean.norm())))
+    assert factors
+    # where the paper's factor left the region the key stayed the weighted mean; elsewhere both agree
+    for bounded, unbounded in factors:
+        assert bounded == pytest.approx(unbounded, abs=1e-9) or (bounded == pytest.approx(1.0, abs=1e-9) and not 0.8 <= unbounded <= 1.25)
