@@ -15,7 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig

@@ -47,7 +47,7 @@ def decode_attention_reference(
     """
     keys, values = dense(k), dense(v)
     b, h_q, _ = q.shape
-    h_kv, n = keys.shape[1], keys.shape[2]
+    h_kv = keys.shape[1]
     group = h_q // h_kv
     qg = q.float().view(b, h_kv, group, -1)
     logits = torch.einsum("bhgd,bhnd->bhgn", qg, keys) * scaling

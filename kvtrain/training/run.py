@@ -28,7 +28,7 @@ from kvtrain.training.artifacts import write_artifacts
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.recipe import load_recipe
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
-from kvtrain.training.trainer import CompressionDistillationTrainer, causal_lm
+from kvtrain.training.trainer import CompressionDistillationTrainer
 
 logger = logging.getLogger(__name__)
 
