@@ -83,6 +83,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from kvtrain.calibrate.cli import add_calibrate_parser
     from kvtrain.eval.fidelity import add_fidelity_parser
+    from kvtrain.quickstart import QuickstartSettings
 
     parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("quickstart", help="prepare-model -> calibrate -> distill -> loyalty before/after, on SmolLM2")
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    p.add_argument("--steps", type=int, default=60, help="distillation steps")
-    p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for loyalty")
+    defaults = QuickstartSettings()
+    p.add_argument("--out", type=Path, default=defaults.out)
+    p.add_argument("--steps", type=int, default=defaults.steps, help="distillation steps")
+    p.add_argument("--eval-blocks", type=int, default=defaults.eval_blocks, help="held-out blocks for loyalty")
     p.set_defaults(func=cmd_quickstart)
 
     add_calibrate_parser(sub)
