@@ -8,7 +8,15 @@ On CPU: ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 from kvtrain.training.run import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # A process group left for interpreter exit can abort a rank at shutdown (gloo: "terminate called
+        # without an active exception"), failing a run that trained and saved correctly.
+        if dist.is_initialized():
+            dist.destroy_process_group()
