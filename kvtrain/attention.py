@@ -59,11 +59,14 @@ def kvtrain_attention(module, query, key, value, attention_mask, scaling=None, d
             key, value = replaced
     scaling = module.scaling if scaling is None else scaling
     layer = layer_awaiting_attention(module.layer_idx)
+    # transformers passes the forward's RoPE positions along; SALS layers un-rotate queries and keys with them.
+    position_ids = kwargs.get("position_ids")
     if layer is not None:
-        return layer.attend(query, attention_mask, scaling).transpose(1, 2), None
+        return layer.attend(query, attention_mask, scaling, position_ids).transpose(1, 2), None
     replay = bound_replay(module)
     if replay is not None:
-        return replay.attend(module.layer_idx, query, key, value, attention_mask, scaling).transpose(1, 2), None
+        out = replay.attend(module.layer_idx, query, key, value, attention_mask, scaling, position_ids)
+        return out.transpose(1, 2), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 

@@ -38,6 +38,11 @@ def layer_awaiting_attention(layer_idx: int) -> "CompressedLayer | None":
     return None
 
 
+def mark_awaiting_attention(layer) -> None:
+    """Called by a layer's `update`: its attention is due next (a `CompressedLayer` or a `SalsLayer`)."""
+    _AWAITING_ATTENTION.set(layer)
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer's compressed KV store (a dense layer when `compressor` is None)."""
 
@@ -117,8 +122,13 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError("beam search is not supported with CompressedCache")
 
     # ------------------------------------------------------------------ called by the attention function
-    def attend(self, query: Tensor, attention_mask: Tensor | None, scaling: float) -> Tensor:
-        """Attention of this forward's queries over stored + new keys, then store and maybe compress."""
+    def attend(
+        self, query: Tensor, attention_mask: Tensor | None, scaling: float, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Attention of this forward's queries over stored + new keys, then store and maybe compress.
+
+        `position_ids` is part of the layer interface (SALS layers un-rotate with it); post-RoPE keys need none.
+        """
         new_keys, new_values = self._pending
         new_valid = key_validity(attention_mask, new_keys.shape[2], batch=query.shape[0], device=query.device)
         out = attend_with_stored(
@@ -205,19 +215,30 @@ class CompressedCache(Cache):
     attention function, and pass it to `model.generate(past_key_values=cache)` or to forward calls.
     """
 
-    def __init__(self, config: KVCompressionConfig, model_config, *, record: bool = False):
+    def __init__(self, config: KVCompressionConfig, model_config, *, record: bool = False, rope=None):
         self.compression_config = config
         compressors = build_compressors(config, model_config)
         theta = rope_theta(model_config)
         compressed = [i for i, c in enumerate(compressors) if c is not None]
         notices = Notices(compressed[0] if compressed else None)
         layers = [CompressedLayer(i, c, theta, record, notices) for i, c in enumerate(compressors)]
+        if config.sals is not None:  # `rope`: the model's RoPE (`kvtrain.lowrank.sals.model_rope`)
+            from kvtrain.sals_cache import SalsLayer
+            from kvtrain.sals_runtime import SalsRuntime
+
+            runtime = SalsRuntime.build(config, model_config, rope)
+            layers = [SalsLayer(i, c, runtime, record) if c is not None else layer
+                      for i, (c, layer) in enumerate(zip(compressors, layers))]
         super().__init__(layers=layers)
 
     @classmethod
     def for_model(cls, model, config: KVCompressionConfig, *, record: bool = False) -> "CompressedCache":
         check_supported(model.config)
         use_kvtrain_attention(model)
+        if config.sals is not None:
+            from kvtrain.lowrank.sals import model_rope
+
+            return cls(config, model.config, record=record, rope=model_rope(model))
         return cls(config, model.config, record=record)
 
     @property

@@ -64,6 +64,36 @@ class LowRankConfig:
 
 
 @dataclass
+class SalsConfig:
+    """SALS (methods.md §4): keys held as rank-`rank` latents of the joint pre-RoPE key (all KV heads of a
+    layer), and at each decode step only the selected tokens are reconstructed, rotated and attended.
+
+    Selected = `sinks` first + `recent` last stored tokens + the best other tokens by the `selector`'s score:
+    `top_k` of them, or `token_fraction` of the tokens the row has stored (rounded up); exactly one is set.
+    Selectors: ``latent`` (SALS: latent query . latent key on the leading `selection_rank` dims, default
+    rank // 2), ``recent`` (no score: the next most recent tokens) and ``exact`` (oracle: head-summed
+    post-RoPE q . k with the uncompressed keys, which only replay has). Values stay full precision, or
+    TaDA-quantised on the schedule when `quant.value_bits` is set. Layers in `dense_layers` keep a full cache.
+    """
+
+    basis: str = ""  # sals_basis.safetensors from `kvtrain calibrate --fit sals`
+    rank: int | None = None
+    selection_rank: int | None = None
+    top_k: int | None = None
+    token_fraction: float | None = None
+    sinks: int = 16
+    recent: int = 64
+    selector: str = "latent"
+
+    @property
+    def resolved_selection_rank(self) -> int:
+        return self.selection_rank if self.selection_rank is not None else max(1, self.rank // 2)
+
+
+SALS_SELECTORS = ("latent", "recent", "exact")
+
+
+@dataclass
 class ScheduleConfig:
     """When compression runs: after each prefill chunk, then every `interval` decode steps (G-KV style)."""
 
@@ -133,6 +163,7 @@ class KVCompressionConfig:
     merge: MergeConfig | None = None
     quant: QuantConfig | None = None
     lowrank: LowRankConfig | None = None
+    sals: SalsConfig | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dense_layers: list[int] = field(default_factory=list)  # layers left uncompressed
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)  # per-layer overrides
@@ -178,6 +209,8 @@ class KVCompressionConfig:
             fail("merge.ema_alpha", self.merge.ema_alpha, "must be in (0, 1)")
         if self.merge is not None and self.merge.name != "keepkv":
             fail("merge.name", self.merge.name, "the only merging method is 'keepkv'")
+        if self.sals is not None:  # first: its message says what a SALS config must change
+            self._validate_sals(fail)
         if self.quant is not None:
             for name in ("key_bits", "value_bits"):
                 bits = getattr(self.quant, name)
@@ -213,6 +246,38 @@ class KVCompressionConfig:
             if unknown:
                 fail(f"{where}.params", sorted(unknown), f"not parameters of {scorer.name!r}: {sorted(cls.field_names())}")
 
+    def _validate_sals(self, fail) -> None:
+        sals = self.sals
+        if not sals.basis:
+            fail("sals.basis", sals.basis, "must name a sals_basis.safetensors file")
+        if isinstance(sals.rank, bool) or not isinstance(sals.rank, int) or sals.rank < 1:
+            fail("sals.rank", sals.rank, "must be a positive integer (latent dims per token and layer)")
+        r_star = sals.selection_rank
+        if r_star is not None and (isinstance(r_star, bool) or not isinstance(r_star, int) or not 1 <= r_star <= sals.rank):
+            fail("sals.selection_rank", r_star, f"must be an integer in [1, rank={sals.rank}] or null (rank // 2)")
+        if (sals.top_k is None) == (sals.token_fraction is None):
+            fail("sals.top_k", sals.top_k, "set exactly one of 'sals.top_k' and 'sals.token_fraction'")
+        if sals.top_k is not None and (isinstance(sals.top_k, bool) or not isinstance(sals.top_k, int) or sals.top_k < 0):
+            fail("sals.top_k", sals.top_k, "must be a non-negative integer")
+        if sals.token_fraction is not None and not 0.0 < sals.token_fraction <= 1.0:
+            fail("sals.token_fraction", sals.token_fraction, "must be in (0, 1]")
+        for name in ("sinks", "recent"):
+            value = getattr(sals, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(f"sals.{name}", value, "must be a non-negative integer")
+        if sals.selector not in SALS_SELECTORS:
+            fail("sals.selector", sals.selector, f"must be one of {SALS_SELECTORS}")
+        # SALS keys are latents that every decode step selects from: nothing else may evict or encode them.
+        if self.compression_ratio != 0.0:
+            fail("compression_ratio", self.compression_ratio,
+                 "SALS evicts nothing: set compression_ratio: 0 and no budget")
+        if self.merge is not None:
+            fail("merge", self.merge.name, "merging cannot be combined with SALS")
+        if self.lowrank is not None:
+            fail("lowrank", self.lowrank.projections, "SALS keys are already low rank; remove the lowrank section")
+        if self.quant is not None and self.quant.key_bits is not None:
+            fail("quant.key_bits", self.quant.key_bits, "SALS keys are latents and are not quantised: set null")
+
     # ------------------------------------------------------------------ per layer
     def layer_policy(self, layer_idx: int, num_layers: int) -> LayerPolicy | None:
         """The settings of one layer, or None for a dense (uncompressed) layer."""
@@ -245,13 +310,15 @@ class KVCompressionConfig:
 
     # ------------------------------------------------------------------ artifact files
     def with_artifact_paths(self, change) -> "KVCompressionConfig":
-        """A copy whose referenced files (projections, quant plan, layer budgets, query statistics) are
+        """A copy whose referenced files (projections, quant plan, SALS basis, layer budgets, query statistics) are
         replaced by `change(path) -> path`; used to bundle a config with its artifacts and to resolve it."""
         data = self.to_dict()
         if data["lowrank"]:
             data["lowrank"]["projections"] = change(data["lowrank"]["projections"])
         if data["quant"] and data["quant"]["plan"]:
             data["quant"]["plan"] = change(data["quant"]["plan"])
+        if data["sals"]:
+            data["sals"]["basis"] = change(data["sals"]["basis"])
         if isinstance(data["layer_budgets"], str) and data["layer_budgets"] not in ("uniform", "pyramid"):
             data["layer_budgets"] = change(data["layer_budgets"])
         scorers = [data["scorer"]] + [o["scorer"] for o in data["layers"].values() if isinstance(o.get("scorer"), dict)]
@@ -280,6 +347,7 @@ class KVCompressionConfig:
             "schedule": ScheduleConfig,
             "quant": QuantConfig,
             "lowrank": LowRankConfig,
+            "sals": SalsConfig,
         }
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known

@@ -8,7 +8,8 @@ damaged after calibration is reported by name. The other files:
 * ``projections.safetensors``: per layer ``layers.{l}.A``/``B`` (keys, ``[h_kv, d, r_l]``), ``A_v``/``B_v``
   (values, ``[h_kv, d, rv_l]``), ``S``/``S_v`` (the spectra ``[h_kv, d]``); metadata: method and ranks;
 * ``quant_plan.json`` (`kvtrain.quant.write_quant_plan`), ``query_stats.safetensors``
-  (`kvtrain.policies.query_stats`), ``head_budgets.json`` (``{"budgets": [...], "heads": {...}}``).
+  (`kvtrain.policies.query_stats`), ``head_budgets.json`` (``{"budgets": [...], "heads": {...}}``),
+  ``sals_basis.safetensors`` (`kvtrain.calibrate.sals_basis`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from safetensors.torch import save
 from torch import Tensor
 
 from kvtrain.calibrate.fit import METHODS, Projections
+from kvtrain.calibrate.sals_basis import SALS_BASIS, read_sals_basis
 from kvtrain.io import atomic_write_bytes, atomic_write_text
 from kvtrain.lowrank import LowRankPair
+from kvtrain.lowrank.sals import SalsBasis
 from kvtrain.models import check_fingerprint, model_fingerprint
 from kvtrain.policies.budgets import layer_budgets
 from kvtrain.policies.query_stats import QueryStats, load_query_stats
@@ -53,6 +56,7 @@ class CalibrationArtifacts:
     quant_plan: QuantPlan | None
     query_stats: QueryStats | None
     head_budgets: dict[str, Any] | None
+    sals_basis: list[SalsBasis] | None = None  # per layer, every calibrated direction
 
     @property
     def head_budgets_path(self) -> Path:
@@ -134,7 +138,8 @@ def read_projections(path: Path, num_layers: int, num_kv_heads: int, head_dim: i
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
     """Write ``config.json`` with the sha256 of every artifact file already in ``folder``."""
-    files = {name: sha256_file(folder / name) for name in (PROJECTIONS, QUANT_PLAN, QUERY_STATS, HEAD_BUDGETS)
+    names = (PROJECTIONS, QUANT_PLAN, QUERY_STATS, HEAD_BUDGETS, SALS_BASIS)
+    files = {name: sha256_file(folder / name) for name in names
              if (folder / name).is_file() and name in config["files"]}
     atomic_write_text(folder / CONFIG, json.dumps({**config, "files": files}, indent=2, sort_keys=True) + "\n")
 
@@ -203,7 +208,8 @@ def load_artifacts(directory: str | Path, model) -> CalibrationArtifacts:
     if HEAD_BUDGETS in files:
         layer_budgets(folder / HEAD_BUDGETS, shape.num_layers, 1)  # validates the format the cache reads
         budgets = json.loads((folder / HEAD_BUDGETS).read_text())
-    return CalibrationArtifacts(folder, config, projections, plan, stats, budgets)
+    sals_basis = read_sals_basis(folder / SALS_BASIS, model.config) if SALS_BASIS in files else None
+    return CalibrationArtifacts(folder, config, projections, plan, stats, budgets, sals_basis)
 
 
 def projections_for(lowrank, model_config) -> tuple[list[LowRankPair | None], list[LowRankPair | None]]:

@@ -21,19 +21,21 @@ def _fit_list(text: str) -> list[str]:
 
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``calibrate`` to ``subparsers`` (from `argparse.ArgumentParser.add_subparsers`)."""
-    from kvtrain.calibrate.run import FITS, CalibrationSettings
+    from kvtrain.calibrate.run import DEFAULT_FITS, FITS, CalibrationSettings
 
     defaults = CalibrationSettings()
     p = subparsers.add_parser(
-        "calibrate", help="fit KQ-SVD projections, query statistics, head budgets and a TaDA bit plan",
+        "calibrate", help="fit KQ-SVD projections, query statistics, head budgets, a TaDA bit plan, a SALS basis",
         description="Writes OUT/kv_compression/{config.json, projections.safetensors, query_stats.safetensors, "
-        "head_budgets.json, quant_plan.json}; an interrupted run resumes from its last checkpoint.",
+        "head_budgets.json, quant_plan.json, sals_basis.safetensors (--fit sals)}; an interrupted run resumes "
+        "from its last checkpoint.",
     )
     p.add_argument("--model", default="smollm2-135m", help="embedded name, Hub id or local path")
     p.add_argument("--data", default=None, help="'embedded' (default), a .txt/.jsonl file or a datasets name")
     p.add_argument("--split", default="train")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--fit", type=_fit_list, default=list(FITS), help=f"comma-separated subset of {','.join(FITS)}")
+    p.add_argument("--fit", type=_fit_list, default=list(DEFAULT_FITS),
+                   help=f"comma-separated subset of {','.join(FITS)} (default {','.join(DEFAULT_FITS)})")
     p.add_argument("--method", choices=METHODS, default=defaults.method)
     p.add_argument("--num-blocks", type=int, default=defaults.num_blocks)
     p.add_argument("--block-len", type=int, default=defaults.block_len)

@@ -26,18 +26,22 @@ from kvtrain.attention import observe_attention
 from kvtrain.calibrate import artifacts as art
 from kvtrain.calibrate.fit import METHODS, RankChoice, check_calibration_tokens, fit_projections, kqsvd_spectra, o_proj_weights
 from kvtrain.calibrate.head_budgets import head_budgets
+from kvtrain.calibrate.sals_basis import SALS_BASIS, fit_sals_bases, write_sals_basis
 from kvtrain.calibrate.sensitivity import tada_sensitivity
 from kvtrain.calibrate.statistics import ModelShape, StatisticsCollector, check_default_rope
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.io import atomic_write_bytes, atomic_write_text
+from kvtrain.lowrank.sals import model_rope
 from kvtrain.models import model_fingerprint
 from kvtrain.quant import Budget, plan_bits, write_quant_plan
 
-FITS = ("kqsvd", "query-stats", "head-budgets", "tada")
+FITS = ("kqsvd", "query-stats", "head-budgets", "tada", "sals")
+# SALS is a cache mode of its own (instead of KQ-SVD keys), so its basis is fitted only when asked for.
+DEFAULT_FITS = ("kqsvd", "query-stats", "head-budgets", "tada")
 STATE_DIR = ".calibration_state"
 PROGRESS = "progress.json"
 # Which statistics each fit needs from the streaming pass (tada has its own pass).
-_GROUPS = {"kqsvd": "grams", "query-stats": "query_stats", "head-budgets": "head_behaviour"}
+_GROUPS = {"kqsvd": "grams", "query-stats": "query_stats", "head-budgets": "head_behaviour", "sals": "sals_grams"}
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,7 @@ def calibrate(
     out_dir: str | Path,
     data: str | None = None,
     split: str = "train",
-    fit: tuple[str, ...] | list[str] = FITS,
+    fit: tuple[str, ...] | list[str] = DEFAULT_FITS,
     resume: bool = True,
     progress: bool = True,
     settings: CalibrationSettings | None = None,
@@ -179,7 +183,7 @@ def calibrate(
     ``num_blocks`` blocks of ``block_len`` tokens. ``overrides`` are `CalibrationSettings` fields
     (``num_blocks=16, block_len=512, rank=..., rank_budget=..., energy_eps=..., tada_budget=...``).
     ``fit`` chooses among ``kqsvd`` (projections.safetensors with ``method``), ``query-stats``,
-    ``head-budgets`` and ``tada`` (quant_plan.json).
+    ``head-budgets``, ``tada`` (quant_plan.json) and ``sals`` (sals_basis.safetensors, not in the default).
     """
     settings = CalibrationSettings(**{**asdict(settings or CalibrationSettings()), **overrides})
     fits = _check_fits(fit)
@@ -207,7 +211,7 @@ def calibrate(
     progress_state = state.load()
 
     collector = StatisticsCollector(shape, tuple(_GROUPS[f] for f in fits if f in _GROUPS), settings.n_sink,
-                                    settings.head_entropy_stride)
+                                    settings.head_entropy_stride, model_rope(model) if "sals" in fits else None)
     if collector.groups:
         progress_state = _statistics_pass(model, collector, blocks, state, progress_state,
                                           settings.checkpoint_every, progress)
@@ -229,8 +233,8 @@ def calibrate(
         "fit": list(fits),
         "settings": asdict(settings),
         "results": results,
-        "files": [name for name in (art.PROJECTIONS, art.QUANT_PLAN, art.QUERY_STATS, art.HEAD_BUDGETS)
-                  if name in results["written"]],
+        "files": [name for name in (art.PROJECTIONS, art.QUANT_PLAN, art.QUERY_STATS, art.HEAD_BUDGETS,
+                                    SALS_BASIS) if name in results["written"]],
     }
     art.write_config(folder, config)
     shutil.rmtree(state.folder)
@@ -273,4 +277,9 @@ def _write_fits(model, folder: Path, fits: tuple[str, ...], settings: Calibratio
         results["tada_sensitivity"] = [{str(b): v for b, v in row.items()} for row in tada_rows]
         results["tada_bits"] = plan.bits
         results["written"].append(art.QUANT_PLAN)
+    if "sals" in fits:
+        num_tokens = [g.num_tokens for g in collector.sals_grams]
+        write_sals_basis(folder / SALS_BASIS, fit_sals_bases(collector.sals_grams), num_tokens, fingerprint)
+        results["sals_tokens"] = num_tokens
+        results["written"].append(SALS_BASIS)
     return results

@@ -8,7 +8,9 @@ Per layer (all float64 sums, so a checkpoint/resume reproduces an uninterrupted 
   ``n_sink`` positions of each block as Expected Attention does (methods.md §5);
 * head behaviour (see `kvtrain.calibrate.head_budgets` for what the numbers mean): per query head the summed
   copy mass over copy events and the summed normalised attention entropy of every ``entropy_stride``-th query
-  (only those rows of the attention matrix and the copy-event rows are computed).
+  (only those rows of the attention matrix and the copy-event rows are computed);
+* ``sals_grams``: the joint Gram of the **pre-RoPE** keys (KV heads concatenated) for SALS, RoPE undone with the
+  model's own rotary embedding (rope scaling included) at the block's positions.
 
 Blocks are fed one at a time from position 0 (batch 1, no padding), so every accumulator sums the same
 terms in the same order however the run is split.
@@ -22,11 +24,13 @@ import torch
 from torch import Tensor
 
 from kvtrain.lowrank import GramAccumulator, ValueGramAccumulator
+from kvtrain.lowrank.gram import JointKeyGramAccumulator
+from kvtrain.lowrank.sals import RopeFn, unrotate
 from kvtrain.models import head_dim
 from kvtrain.policies.expected_attention import unrotate_queries
 from kvtrain.rope import rope_theta
 
-GROUPS = ("grams", "query_stats", "head_behaviour")
+GROUPS = ("grams", "query_stats", "head_behaviour", "sals_grams")
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,14 @@ def copy_sources(ids: Tensor) -> Tensor:
 class StatisticsCollector:
     """Accumulates the selected `GROUPS` for every layer; `observe` is an `observe_attention` observer."""
 
-    def __init__(self, shape: ModelShape, groups: tuple[str, ...], n_sink: int = 4, entropy_stride: int = 4) -> None:
+    def __init__(self, shape: ModelShape, groups: tuple[str, ...], n_sink: int = 4, entropy_stride: int = 4,
+                 rope: RopeFn | None = None) -> None:
         unknown = sorted(set(groups) - set(GROUPS))
         if unknown:
             raise ValueError(f"unknown statistics groups {unknown}; choose from {GROUPS}")
+        if "sals_grams" in groups and rope is None:
+            raise ValueError("the sals_grams group needs the model's rotary embedding (rope=model_rope(model))")
+        self.rope = rope
         if n_sink < 0:
             raise ValueError(f"n_sink={n_sink} must be >= 0")
         if entropy_stride < 1:
@@ -100,6 +108,10 @@ class StatisticsCollector:
         self.copy_events = torch.zeros(L, dtype=torch.int64)
         self.entropy_sum = torch.zeros(L, hq, dtype=torch.float64)
         self.entropy_count = torch.zeros(L, dtype=torch.int64)
+        # O(L (h_kv d)^2): allocated only when asked for, and only then part of the checkpoints.
+        self.sals_grams = (
+            [JointKeyGramAccumulator(hkv, d, layer) for layer in range(L)] if "sals_grams" in groups else []
+        )
         self._ids: Tensor | None = None
         empty = torch.zeros(0, dtype=torch.long)
         self._rows, self._source_pairs, self._entropy_rows, self._num_events = empty, (empty, empty), empty, 0
@@ -139,6 +151,9 @@ class StatisticsCollector:
             self._update_query_stats(layer, query)
         if "head_behaviour" in self.groups:
             self._update_head_behaviour(layer, query, key, module.scaling)
+        if "sals_grams" in self.groups:
+            cos, sin = self.rope(torch.arange(key.shape[2], device=key.device)[None])
+            self.sals_grams[layer].update(unrotate(key, cos, sin))
         return None
 
     def _update_query_stats(self, layer: int, query: Tensor) -> None:
@@ -205,6 +220,9 @@ class StatisticsCollector:
         for name in ("query_sum", "query_outer", "query_count", "copy_mass", "copy_events", "entropy_sum",
                      "entropy_count"):
             out[name] = getattr(self, name)
+        for layer, g in enumerate(self.sals_grams):
+            out[f"sals.{layer}.gram"] = g.gram
+            out[f"sals.{layer}.num_tokens"] = torch.tensor(g.num_tokens)
         return {k: t.contiguous().clone() for k, t in out.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -226,6 +244,9 @@ class StatisticsCollector:
         for name in ("query_sum", "query_outer", "query_count", "copy_mass", "copy_events", "entropy_sum",
                      "entropy_count"):
             setattr(self, name, state[name].clone())
+        for layer, g in enumerate(self.sals_grams):
+            g.load_state_dict({**g._config(), "gram": state[f"sals.{layer}.gram"],
+                               "num_tokens": int(state[f"sals.{layer}.num_tokens"])})
 
 
 
@@ -243,7 +264,10 @@ def collect_statistics(
 
     from kvtrain.attention import observe_attention
 
-    collector = StatisticsCollector(ModelShape.of(model), groups, n_sink, entropy_stride)
+    from kvtrain.lowrank.sals import model_rope
+
+    rope = model_rope(model) if "sals_grams" in groups else None
+    collector = StatisticsCollector(ModelShape.of(model), groups, n_sink, entropy_stride, rope)
     with observe_attention(model, collector.observe):
         for block in tqdm(blocks, desc="calibration statistics", unit="block", disable=not progress):
             collector.start_block(block)

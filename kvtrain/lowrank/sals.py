@@ -93,29 +93,62 @@ def latent_scores(latent_q: Tensor, latent_k: Tensor, selection_rank: int) -> Te
 
 
 def select_tokens(
-    scores: Tensor, top_k: int, num_sinks: int = 16, num_recent: int = 64, valid: Tensor | None = None
+    scores: Tensor, top_k: int | Tensor, num_sinks: int = 16, num_recent: int = 64, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Token set per row: the first ``num_sinks`` and last ``num_recent`` valid tokens plus the ``top_k``
     best-scoring other valid tokens.
 
-    ``scores`` ``[b, n]``; ``valid`` ``[b, n]`` bool (False for padding). Returns ``(indices, kept)``, both
-    ``[b, K]`` with ``K = min(n, num_sinks + num_recent + top_k)``: indices ascending, ``kept`` False for the
-    slots a short row cannot fill (they point at invalid tokens and must be masked out).
+    ``scores`` ``[b, n]``; ``top_k`` an int or one count per row ``[b]``; ``valid`` ``[b, n]`` bool (False for
+    padding). Returns ``(indices, kept)``, both ``[b, K]`` with ``K = min(n, num_sinks + num_recent +
+    max(top_k))``: indices ascending, ``kept`` False for the slots a row does not fill (they must be masked out).
     """
-    for name, value in (("top_k", top_k), ("num_sinks", num_sinks), ("num_recent", num_recent)):
+    for name, value in (("num_sinks", num_sinks), ("num_recent", num_recent)):
         if value < 0:
             raise ValueError(f"{name}={value} must be non-negative")
+    b, n = scores.shape
+    top_k = torch.as_tensor(top_k, dtype=torch.long, device=scores.device).expand(b)
+    if bool((top_k < 0).any()):
+        raise ValueError(f"top_k={top_k.tolist()} must be non-negative")
     if not torch.isfinite(scores).all():
         raise ValueError("selection scores contain NaN or inf")
-    b, n = scores.shape
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.to(torch.bool)
     count = valid.long()
     sink = valid & (count.cumsum(-1) <= num_sinks)
     recent = valid & (count.flip(-1).cumsum(-1).flip(-1) <= num_recent)
-    priority = scores.to(torch.float64).masked_fill(sink | recent, float("inf")).masked_fill(~valid, float("-inf"))
-    k = min(n, num_sinks + num_recent + top_k)
-    chosen = priority.topk(k, dim=-1).indices.sort(dim=-1).values
-    return chosen, valid.gather(-1, chosen)
+    protected = sink | recent
+    priority = scores.to(torch.float64).masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+    k = min(n, num_sinks + num_recent + (int(top_k.max()) if b else 0))
+    # By descending priority the protected tokens come first, then the best others: a row keeps its
+    # protected count plus its own top_k of them.
+    order = priority.topk(k, dim=-1).indices
+    allowed = protected.sum(-1, keepdim=True) + top_k[:, None]
+    kept = valid.gather(-1, order) & (torch.arange(k, device=scores.device) < allowed)
+    chosen, perm = order.sort(dim=-1)
+    return chosen, kept.gather(-1, perm)
+
+
+# Rope types whose frequencies depend on the longest sequence seen so far: un-rotating a stored key later
+# could use other frequencies than the forward that rotated it.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def model_rope(model) -> RopeFn:
+    """The model's own rotary embedding as a `RopeFn` (cos/sin in the model's dtype, rope scaling included)."""
+    decoder = model.get_decoder()
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__}: its decoder has no `rotary_emb`; SALS needs the model's RoPE")
+    rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        raise ValueError(f"rope_type={rope_type!r} changes its frequencies with the sequence length; SALS "
+                         "un-rotates stored keys later and needs fixed frequencies")
+    dtype = next(model.parameters()).dtype
+
+    def rope(positions: Tensor) -> tuple[Tensor, Tensor]:
+        # The rotary embedding reads only the dtype and device of its first argument.
+        return rotary(torch.empty(0, dtype=dtype, device=positions.device), positions)
+
+    return rope
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -134,6 +167,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     return x * cos + rotated * sin
+
+
+def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Inverse of `apply_rope` for the same cos/sin ``[b, n, d]``: ``x`` ``[b, h, n, d]`` before RoPE.
+
+    With ``y = x cos + rotate_half(x) sin`` (halves of cos/sin equal), ``y cos - rotate_half(y) sin =
+    x (cos^2 + sin^2)``, so dividing by ``cos^2 + sin^2`` undoes RoPE exactly, also when a rope-scaling
+    ``attention_factor`` multiplies cos and sin. Computed in float32 at least, returned in ``x.dtype``.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute)
+    cos, sin = cos[:, None].to(compute), sin[:, None].to(compute)
+    half = y.shape[-1] // 2
+    rotated = torch.cat([-y[..., half:], y[..., :half]], dim=-1)
+    return ((y * cos - rotated * sin) / (cos * cos + sin * sin)).to(x.dtype)
 
 
 def reconstruct_keys(latent_k: Tensor, basis: SalsBasis, cos: Tensor, sin: Tensor) -> Tensor:

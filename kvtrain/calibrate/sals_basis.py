@@ -1,0 +1,104 @@
+"""``sals_basis.safetensors``: every layer's joint pre-RoPE key eigenbasis (SALS), written and read back checked.
+
+Per layer ``layers.{l}.U`` ``[h_kv*d, c_l]`` holds the eigenvectors of ``C = K^T K`` by descending eigenvalue
+and ``layers.{l}.eigenvalues`` ``[h_kv*d]`` the whole spectrum. ``c_l = min(h_kv*d, calibration tokens)``:
+all the directions the data determines, so that any rank up to it can be chosen at run time (the columns
+are nested: rank r uses the first r). Metadata: kind, schema version, model fingerprint, tokens per layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor
+
+from kvtrain.io import atomic_write_bytes
+from kvtrain.lowrank.gram import JointKeyGramAccumulator
+from kvtrain.lowrank.sals import SalsBasis, fit_sals_basis
+from kvtrain.models import check_fingerprint, head_dim, model_fingerprint
+
+SALS_BASIS = "sals_basis.safetensors"
+SALS_BASIS_KIND = "kvtrain.sals_basis"
+SCHEMA_VERSION = 1
+
+
+def fit_sals_bases(grams: list[JointKeyGramAccumulator]) -> list[SalsBasis]:
+    """Every direction each layer's Gram determines (at most its token count), by descending eigenvalue."""
+    return [fit_sals_basis(g, min(g.num_kv_heads * g.head_dim, g.num_tokens)) for g in grams]
+
+
+def write_sals_basis(path: Path, bases: list[SalsBasis], num_tokens: list[int], fingerprint: dict[str, Any]) -> None:
+    from kvtrain.calibrate.artifacts import canonical_safetensors
+
+    tensors: dict[str, Tensor] = {}
+    for layer, basis in enumerate(bases):
+        tensors[f"layers.{layer}.U"] = basis.basis.detach().to(torch.float32).cpu().contiguous()
+        tensors[f"layers.{layer}.eigenvalues"] = basis.eigenvalues.detach().to(torch.float32).cpu().contiguous()
+    metadata = {
+        "kind": SALS_BASIS_KIND,
+        "schema_version": str(SCHEMA_VERSION),
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "num_tokens": json.dumps(num_tokens),
+    }
+    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+
+
+def read_sals_basis(path: str | Path, model_config, rank: int | None = None) -> list[SalsBasis]:
+    """Per-layer bases truncated to ``rank`` (None: all stored columns), checked against ``model_config``.
+
+    Every error names the file: unreadable or foreign file, another model (the differing fingerprint fields),
+    missing / misshapen / non-finite tensors, a rank above the joint key width or above what the
+    calibration tokens determine.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    if metadata.get("kind") != SALS_BASIS_KIND:
+        raise ValueError(f"{path}: metadata kind={metadata.get('kind')!r}, expected {SALS_BASIS_KIND!r}")
+    if metadata.get("schema_version") != str(SCHEMA_VERSION):
+        raise ValueError(f"{path}: schema_version={metadata.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    check_fingerprint(json.loads(metadata.get("fingerprint", "{}")), model_fingerprint(model_config), path)
+    num_layers = int(model_config.num_hidden_layers)
+    h_kv = int(getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads)
+    d = int(head_dim(model_config))
+    width = h_kv * d
+    if rank is not None and not 1 <= rank <= width:
+        raise ValueError(f"{path}: SALS rank {rank} must be in [1, h_kv*d={width}] (the joint key width)")
+    num_tokens = json.loads(metadata.get("num_tokens", "[]"))
+    if len(num_tokens) != num_layers:
+        raise ValueError(f"{path}: num_tokens has {len(num_tokens)} layers, the model has {num_layers}")
+    bases = []
+    for layer in range(num_layers):
+        u, vals = _tensor(tensors, path, f"layers.{layer}.U"), _tensor(tensors, path, f"layers.{layer}.eigenvalues")
+        if u.dim() != 2 or u.shape[0] != width or not 1 <= u.shape[1] <= width:
+            raise ValueError(
+                f"{path}: tensor layers.{layer}.U has shape {tuple(u.shape)}, expected ({width}, <= {width})"
+            )
+        if tuple(vals.shape) != (width,):
+            raise ValueError(
+                f"{path}: tensor layers.{layer}.eigenvalues has shape {tuple(vals.shape)}, expected ({width},)"
+            )
+        if rank is not None and rank > u.shape[1]:
+            raise ValueError(
+                f"{path}: SALS rank {rank} exceeds the {u.shape[1]} directions layer {layer} was calibrated with "
+                f"({num_tokens[layer]} tokens); calibrate on more tokens"
+            )
+        bases.append(SalsBasis(u if rank is None else u[:, :rank].contiguous(), vals, h_kv, d))
+    return bases
+
+
+def _tensor(tensors: dict[str, Tensor], path: Path, key: str) -> Tensor:
+    if key not in tensors:
+        raise ValueError(f"{path}: tensor {key} is missing")
+    if not torch.isfinite(tensors[key]).all():
+        raise ValueError(f"{path}: tensor {key} contains NaN or inf")
+    return tensors[key]
