@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig
+
+logger = logging.getLogger("kvtrain")
 
 
 @dataclass
@@ -32,6 +35,11 @@ class KVCompressionArguments:
     kv_keepkv: bool = field(default=False, metadata={"help": "merge evicted entries (KeepKV) instead of dropping them"})
 
     def to_config(self) -> KVCompressionConfig:
+        overrides = [f.name for f in dataclasses.fields(self) if f.name != "kv_config" and getattr(self, f.name) not in (None, False, [])]
+        if self.kv_config and overrides:
+            # A recipe's kv_* fields silently winning over a --kv_config file given on the command line is the
+            # mistake this guards against.
+            logger.warning("%s overridden by %s", self.kv_config, ", ".join(overrides))
         base = KVCompressionConfig.load(self.kv_config) if self.kv_config else KVCompressionConfig()
         data = base.to_dict()
         if self.kv_scorer:

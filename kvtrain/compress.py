@@ -205,10 +205,19 @@ class LayerCompressor:
         return kept, EventRecord(tokens_seen=tokens_seen, kept=positions)
 
 
-def build_compressors(config: KVCompressionConfig, model_config) -> list[LayerCompressor | None]:
-    """One compressor per layer (None for dense layers), with the codecs the config asks for."""
+# Per layer, the key-side and the value-side low-rank pair (None where that side is not low rank).
+LayerPairs = tuple[list[LowRankPair | None], list[LowRankPair | None]]
+
+
+def build_compressors(
+    config: KVCompressionConfig, model_config, *, projections: LayerPairs | None = None
+) -> list[LayerCompressor | None]:
+    """One compressor per layer (None for dense layers), with the codecs the config asks for.
+
+    `projections` replaces the pairs read from `config.lowrank.projections` (see `layer_codecs`).
+    """
     num_layers = model_config.num_hidden_layers
-    codecs = layer_codecs(config, model_config)
+    codecs = layer_codecs(config, model_config, projections=projections)
     compressors = []
     for i in range(num_layers):
         policy = config.layer_policy(i, num_layers)
@@ -216,10 +225,17 @@ def build_compressors(config: KVCompressionConfig, model_config) -> list[LayerCo
     return compressors
 
 
-def layer_codecs(config: KVCompressionConfig, model_config) -> list[LayerCodecs]:
+def layer_codecs(
+    config: KVCompressionConfig, model_config, *, projections: LayerPairs | None = None
+) -> list[LayerCodecs]:
+    """Per layer, the codecs of keys and values. The low-rank pairs come from `config.lowrank.projections`,
+    or from `projections` when given: training passes the pairs it is learning, so that the codecs compute
+    with those very tensors (and gradients reach them) instead of the file's frozen copy."""
     num_layers = model_config.num_hidden_layers
     key_pairs = value_pairs = [None] * num_layers
-    if config.lowrank is not None:
+    if projections is not None:
+        key_pairs, value_pairs = _supplied_pairs(projections, config, num_layers)
+    elif config.lowrank is not None:
         from kvtrain.calibrate.artifacts import projections_for
 
         key_pairs, value_pairs = projections_for(config.lowrank, model_config)
@@ -242,6 +258,16 @@ def layer_codecs(config: KVCompressionConfig, model_config) -> list[LayerCodecs]
         LayerCodecs(_codec(key_pairs[i], key_bits[i], group), _codec(value_pairs[i], value_bits[i], group))
         for i in range(num_layers)
     ]
+
+
+def _supplied_pairs(projections: LayerPairs, config: KVCompressionConfig, num_layers: int) -> LayerPairs:
+    if config.lowrank is None:
+        raise ValueError("low-rank projections were supplied, but the compression config has no `lowrank` section")
+    key_pairs, value_pairs = projections
+    for side, pairs in (("key", key_pairs), ("value", value_pairs)):
+        if len(pairs) != num_layers:
+            raise ValueError(f"{len(pairs)} {side} projection pairs supplied, the model has {num_layers} layers")
+    return key_pairs, value_pairs
 
 
 def _codec(pair: LowRankPair | None, bits: int | None, group_size: int) -> Codec | None:

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kvtrain.attention import attend_with_stored, key_validity, use_kernels, use_kvtrain_attention
-from kvtrain.compress import EventRecord, LayerCodecs, LayerCompressor, StoredKV, build_compressors
+from kvtrain.compress import EventRecord, LayerCodecs, LayerCompressor, LayerPairs, StoredKV, build_compressors
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
 from kvtrain.models import check_supported
 from kvtrain.rope import rope_theta
+
+if TYPE_CHECKING:
+    from kvtrain.sals_runtime import SalsRuntime
 
 # Attribute of an attention module holding the replay bound to it (absent or None: no replay).
 _BOUND_ATTR = "_kvtrain_replay"
@@ -69,22 +72,29 @@ class Replay:
     rope_theta: float
     record: bool
     records: list[list[EventRecord]] = field(default_factory=list)
+    sals: SalsRuntime | None = None  # set for a SALS config: its non-dense layers attend by `sals_replay_attention`
 
     def __post_init__(self) -> None:
         self.records = [[] for _ in self.compressors]
 
     def attend(
-        self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float
+        self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
         """Attention of a whole teacher-forced sequence under the replayed keep-sets: [b, h_q, S, d_v].
 
         query [b, h_q, S, d]; key, value [b, h_kv, S, d]. The events are simulated first (they depend on q/k/v,
         never on this layer's output); then one `keyset_attention` call (when `use_kernels`) or a loop over
-        the intervals attends them.
+        the intervals attends them. SALS layers use `position_ids` (RoPE positions) instead.
         """
         b, _, seq_len, _ = query.shape
         if seq_len < self.prefill_len:
             raise ValueError(f"replay got a {seq_len}-token sequence but prefill_len={self.prefill_len}")
+        if self.sals is not None and self.compressors[layer_idx] is not None:
+            from kvtrain.sals_replay import sals_replay_attention
+
+            return sals_replay_attention(self.sals, layer_idx, self.compressors[layer_idx], self.prefill_len, query,
+                                         key, value, attention_mask, scaling, position_ids)
         valid = key_validity(attention_mask, seq_len, batch=b, device=query.device)
         keysets = self.simulate(layer_idx, query, key, value, valid, scaling)
         if use_kernels(query.device):
@@ -194,19 +204,26 @@ def _keyset_kernel_attention(
 
 @contextlib.contextmanager
 def replay_compression(
-    model, config: KVCompressionConfig, *, prefill_len: int, record: bool = False
+    model, config: KVCompressionConfig, *, prefill_len: int, record: bool = False, projections: LayerPairs | None = None
 ) -> Iterator[Replay]:
     """Within this block, full-sequence forwards of `model` attend as the compressed cache would.
 
     `prefill_len` is the number of tokens the cache would have received in multi-token (prefill)
     forwards; every later token counts as one decode step. Yields the `Replay`, whose `records` hold
     the kept positions per layer and event of the latest forward when `record=True`. With gradient
-    checkpointing, run the backward pass inside the block too (see the module docstring).
+    checkpointing, run the backward pass inside the block too (see the module docstring). `projections`
+    (per layer key and value `LowRankPair`s) replaces the pairs of `config.lowrank.projections`: training
+    passes the projections it learns.
     """
     check_supported(model.config)
     use_kvtrain_attention(model)
-    compressors = build_compressors(config, model.config)
+    compressors = build_compressors(config, model.config, projections=projections)
     replay = Replay(compressors, config.schedule, prefill_len, rope_theta(model.config), record)
+    if config.sals is not None:
+        from kvtrain.lowrank.sals import model_rope
+        from kvtrain.sals_runtime import SalsRuntime
+
+        replay.sals = SalsRuntime.build(config, model.config, model_rope(model))
     with _bound(model, replay):
         yield replay
 

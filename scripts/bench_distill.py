@@ -1,10 +1,15 @@
 """Benchmark: does compression-aware distillation make SmolLM2 more loyal under a compressed cache?
 
-Two arms, each trained with `train/distill.py`'s code path (LoRA, forward KL to the full-cache teacher):
-G-KV eviction (budget 128 over 512-token blocks, the first 256 tokens the prompt) and KQ-SVD rank-16 keys
-and values (calibrated on the embedded train split). Held-out loyalty is KL(original model with a full
-cache || model under the compressed cache) on the continuation tokens, before and after training. The
-step-time ratio compares a training step under compression with the same step with compression off.
+Arms, each trained with `train/distill.py`'s code path (its SmolLM2 recipe: LoRA, forward KL to the
+full-cache teacher) over 512-token blocks whose first 256 tokens are the prompt:
+* `gkv-budget128`: G-KV eviction, 128 kept tokens per KV head (`recipes/smollm2-135m/distill/gkv.yaml`);
+* `kqsvd-rank16`: KQ-SVD rank-16 keys and values (calibrated on the embedded train split), projections
+  trained jointly with the adapter and saved back (`recipes/smollm2-135m/distill/kqsvd.yaml`);
+* `kqsvd-rank16-frozen`: the same with the calibrated projections frozen.
+Held-out loyalty is KL(original model with a full cache || model under the compressed cache) on the
+continuation tokens, before and after training; "after" uses the compression config the output folder
+loads with (trained projections included). The step-time ratio compares a training step under compression
+with the same step with every layer dense.
 
     python scripts/bench_distill.py                 # writes benchmarks/distill/results.md
 """
@@ -13,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
-
 
 from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig
@@ -26,16 +31,17 @@ from kvtrain.models import load_model
 from kvtrain.training.artifacts import load_compressed
 from kvtrain.training.run import main as distill
 
-RECIPE = "recipes/smollm2-135m/distill/gkv.yaml"
+RECIPES = "recipes/smollm2-135m/distill"
 BLOCK, PREFILL = 512, 256
+ARMS = ("gkv-budget128", "kqsvd-rank16", "kqsvd-rank16-frozen")
 
 
-def train(out: Path, steps: int, kv_config: Path, lr: float) -> dict:
+def train(out: Path, recipe: str, steps: int, kv_config: Path, lr: float, extra: list[str]) -> dict:
     folder = distill(
         [
-            "--config", RECIPE, "--output_dir", str(out), "--max_steps", str(steps), "--kv_config", str(kv_config),
-            "--gradient_accumulation_steps", "1", "--learning_rate", str(lr), "--warmup_steps", "2",
-            "--save_strategy", "no", "--loyalty_blocks", "0", "--logging_steps", "5",
+            "--config", f"{RECIPES}/{recipe}", "--output_dir", str(out), "--max_steps", str(steps),
+            "--kv_config", str(kv_config), "--gradient_accumulation_steps", "1", "--learning_rate", str(lr),
+            "--warmup_steps", "2", "--save_strategy", "no", "--loyalty_blocks", "0", "--logging_steps", "5", *extra,
         ]
     )
     return json.loads((folder / "kvtrain_training.json").read_text())["metrics"]["train"]
@@ -49,39 +55,52 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=6)
     parser.add_argument("--work", type=Path, default=Path("runs/bench_distill"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/distill"))
-    parser.add_argument("--arms", nargs="+", default=["gkv-budget128", "kqsvd-rank16"])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--report", default="results.md", help="file name of the report under --out")
+    parser.add_argument("--train-args", default="", help="extra train/distill.py flags for every run, e.g. '--use_peft false'")
     args = parser.parse_args()
+    extra = shlex.split(args.train_args)
     info = provenance()
     args.work.mkdir(parents=True, exist_ok=True)
 
     base, tokenizer = load_model("smollm2-135m")
-    arms = {}
+    # arm -> (compression config, recipe, flags of that arm)
+    arms: dict[str, tuple[KVCompressionConfig, str, list[str]]] = {}
     if "gkv-budget128" in args.arms:
-        arms["gkv-budget128"] = KVCompressionConfig.from_dict(
-            {"budget": 128, "sinks": 4, "recent": 16, "query_window": 16, "scorer": {"name": "gkv"}, "schedule": {"interval": 64}}
-        )
-    if "kqsvd-rank16" in args.arms:
+        gkv = {"budget": 128, "sinks": 4, "recent": 16, "query_window": 16, "scorer": {"name": "gkv"}, "schedule": {"interval": 64}}
+        arms["gkv-budget128"] = (KVCompressionConfig.from_dict(gkv), "gkv.yaml", [])
+    if {"kqsvd-rank16", "kqsvd-rank16-frozen"} & set(args.arms):
         artifacts = calibrate(
             base, tokenizer, out_dir=args.work / "calib", fit=("kqsvd",), rank=16, value_rank=16, num_blocks=16, block_len=BLOCK
         )
-        arms["kqsvd-rank16"] = KVCompressionConfig.from_dict(
+        kqsvd = KVCompressionConfig.from_dict(
             {"budget": None, "compression_ratio": 0.0, "lowrank": {"projections": str(artifacts / "projections.safetensors")}}
         )
-    plain = KVCompressionConfig.from_dict({"budget": 128, "dense_layers": list(range(base.config.num_hidden_layers))})
+        if "kqsvd-rank16" in args.arms:
+            arms["kqsvd-rank16"] = (kqsvd, "kqsvd.yaml", ["--train_projections", "true"])
+        if "kqsvd-rank16-frozen" in args.arms:
+            arms["kqsvd-rank16-frozen"] = (kqsvd, "kqsvd.yaml", ["--train_projections", "false"])
     held_out = token_blocks(tokenizer, load_texts(None, split="heldout"), BLOCK, n_blocks=args.eval_blocks)
 
     def reference(ids):  # the original model with a full cache (training never touches `base`)
         return base(input_ids=ids).logits
 
     rows = []
-    for name, config in arms.items():
+    before_cache: dict[str, object] = {}
+    for name, (config, recipe, flags) in arms.items():
         config_path = args.work / f"{name}.json"
         config.save(config_path)
-        (before,) = evaluate_loyalty(base, [config], held_out, context_len=PREFILL, method="replay", reference=reference)
-        metrics = train(args.work / name, args.steps, config_path, args.lr)
-        student, _, _ = load_compressed(args.work / name)
-        (after,) = evaluate_loyalty(student, [config], held_out, context_len=PREFILL, method="replay", reference=reference)
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in before_cache:
+            (before_cache[key],) = evaluate_loyalty(
+                base, [config], held_out, context_len=PREFILL, method="replay", reference=reference
+            )
+        before = before_cache[key]
+        metrics = train(args.work / name, recipe, args.steps, config_path, args.lr, flags + extra)
+        student, _, trained_config = load_compressed(args.work / name)
+        (after,) = evaluate_loyalty(
+            student, [trained_config], held_out, context_len=PREFILL, method="replay", reference=reference
+        )
         rows.append(
             {
                 "arm": name,
@@ -96,13 +115,14 @@ def main() -> None:
             }
         )
         if args.timing_steps:
-            timed = train(args.work / f"{name}-timing", args.timing_steps, config_path, args.lr)
+            timed = train(args.work / f"{name}-timing", recipe, args.timing_steps, config_path, args.lr, flags + extra)
             rows[-1]["s_per_step"] = timed["train_runtime"] / args.timing_steps
     timing = "not measured in this run"
     if args.timing_steps:
         plain_path = args.work / "plain.json"
-        plain.save(plain_path)
-        plain_step = train(args.work / "plain-timing", args.timing_steps, plain_path, args.lr)["train_runtime"] / args.timing_steps
+        KVCompressionConfig.from_dict({"budget": 128, "dense_layers": list(range(base.config.num_hidden_layers))}).save(plain_path)
+        plain_step = train(args.work / "plain-timing", "gkv.yaml", args.timing_steps, plain_path, args.lr, extra)
+        plain_step = plain_step["train_runtime"] / args.timing_steps
         for row in rows:
             row["step_time_ratio"] = row["s_per_step"] / plain_step
         timing = f"plain: {plain_step:.2f} s/step in this run"
@@ -111,8 +131,10 @@ def main() -> None:
     report = (
         "# Compression-aware distillation of SmolLM2-135M-Instruct\n\n"
         + provenance_lines(info)
-        + f"- training: `{RECIPE}` (LoRA r=16, forward KL to the full-cache teacher), {args.steps} steps of one "
-        f"{BLOCK}-token block (first {PREFILL} = prompt), lr {args.lr}\n"
+        + f"- training: the arm's recipe in `{RECIPES}/` (LoRA r=16, forward KL to the full-cache teacher), "
+        f"{args.steps} steps of one {BLOCK}-token block (first {PREFILL} = prompt), lr {args.lr}"
+        + (f", overrides `{args.train_args}`" if extra else "")
+        + "\n"
         f"- loyalty: {args.eval_blocks} held-out blocks, KL(original model, full cache || model under the "
         f"compressed cache) per continuation token, measured by replay (equal to decoding)\n"
         f"- step time: {args.timing_steps} steps with compression vs the same steps with every layer dense "

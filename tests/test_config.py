@@ -89,11 +89,13 @@ def test_corrupt_file_names_file_and_field(tmp_path):
         KVCompressionConfig.load(tmp_path / "missing.yaml")
 
 
-def test_arguments_override_a_config_file(tmp_path):
+def test_arguments_override_a_config_file(tmp_path, caplog):
     path = tmp_path / "base.yaml"
     rich_config().save(path)
     args = KVCompressionArguments(kv_config=str(path), kv_ratio=0.5, kv_param=["alpha=0.7"], kv_interval=16)
-    config = args.to_config()
+    with caplog.at_level("WARNING", logger="kvtrain"):
+        config = args.to_config()
+    assert f"{path} overridden by kv_param, kv_ratio, kv_interval" in caplog.text
     assert config.budget is None and config.compression_ratio == 0.5
     assert config.scorer.params == {"alpha": 0.7, "mix_lambda": 0.4}
     assert config.schedule.interval == 16 and config.schedule.prefill_chunk == 128

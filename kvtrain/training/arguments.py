@@ -34,6 +34,8 @@ class DistillationArguments:
     loyalty_split: str = field(default="heldout", metadata={"help": "split of the loyalty text"})
     loyalty_blocks: int = field(default=4, metadata={"help": "held-out blocks for loyalty before/after training (0 = skip)"})
     resume: Optional[str] = field(default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir, fresh start if none) or a checkpoint path"})
+    train_projections: bool = field(default=False, metadata={"help": "train the low-rank projections of the compression config (lowrank.projections) jointly with the student and save the trained ones as the output's artifacts"})
+    projection_learning_rate: Optional[float] = field(default=None, metadata={"help": "peak learning rate of the trained projections, same schedule (default: learning_rate)"})
 
     def __post_init__(self) -> None:
         if self.block_len < 2:
@@ -48,6 +50,11 @@ class DistillationArguments:
             raise ValueError(f"on_policy_temperature={self.on_policy_temperature} must be > 0")
         if self.loyalty_blocks < 0:
             raise ValueError(f"loyalty_blocks={self.loyalty_blocks} must be >= 0")
+        if self.projection_learning_rate is not None:
+            if not self.train_projections:
+                raise ValueError(f"projection_learning_rate={self.projection_learning_rate} is set but train_projections is false")
+            if not self.projection_learning_rate > 0.0:
+                raise ValueError(f"projection_learning_rate={self.projection_learning_rate} must be > 0")
         self.loss_spec()  # validates loss, beta, temperature, ce_weight and the chunk sizes
 
     def loss_spec(self) -> LossSpec:

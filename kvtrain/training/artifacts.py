@@ -3,7 +3,8 @@
 An output folder holds the trained weights (`save_pretrained`: a LoRA adapter or full weights), the
 tokenizer, `kv_compression/compression.json` (the `KVCompressionConfig` the model was trained for) with a
 copy of every artifact file it references (projections, quant plan, budgets, query statistics) under a
-name relative to that folder, and `kvtrain_training.json` (arguments, the model fingerprint, metrics). `load_compressed` checks that the
+name relative to that folder (with `train_projections`, the projections file holds the trained projections,
+in the calibration format), and `kvtrain_training.json` (arguments, the model fingerprint, metrics). `load_compressed` checks that the
 weights it loads have the fingerprint recorded at training time, so a compression config is never
 silently applied to a model it was not trained with.
 """
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer
 from kvtrain.config import KVCompressionConfig
 from kvtrain.io import atomic_write_bytes, atomic_write_text
 from kvtrain.models import check_fingerprint, load_model, model_fingerprint
+from kvtrain.training.projections import TrainableProjections
 
 ARTIFACTS = "kv_compression"
 COMPRESSION_CONFIG = Path(ARTIFACTS) / "compression.json"
@@ -27,16 +29,29 @@ TRAINING_METADATA = "kvtrain_training.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def write_artifacts(output_dir: str | Path, kv_config: KVCompressionConfig, metadata: dict[str, Any]) -> None:
-    """Write the compression config and the training metadata (JSON, atomically) next to the weights."""
+def write_artifacts(
+    output_dir: str | Path,
+    kv_config: KVCompressionConfig,
+    metadata: dict[str, Any],
+    *,
+    projections: TrainableProjections | None = None,
+) -> None:
+    """Write the compression config and the training metadata (JSON, atomically) next to the weights.
+
+    Referenced files are copied, except the low-rank projections when `projections` (trained) are given:
+    those are written in their place, under the calibrated file's name.
+    """
     output_dir = Path(output_dir)
     folder = output_dir / ARTIFACTS
     folder.mkdir(parents=True, exist_ok=True)
+    trained_source = kv_config.lowrank.projections if projections is not None else None
 
     def bundle(path: str) -> str:
         source = Path(path)
         target = folder / source.name
-        if source.resolve() != target.resolve():
+        if path == trained_source:
+            projections.save(target)
+        elif source.resolve() != target.resolve():
             atomic_write_bytes(target, source.read_bytes())
         return source.name
 

@@ -26,6 +26,7 @@ from kvtrain.models import load_model, model_fingerprint
 from kvtrain.training import checkpoints
 from kvtrain.training.artifacts import write_artifacts
 from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.projections import TrainableProjections
 from kvtrain.training.recipe import load_recipe
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
 from kvtrain.training.trainer import CompressionDistillationTrainer
@@ -46,6 +47,21 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.blocks[i]}
+
+
+class LoyaltyAtTrainBegin(TrainerCallback):
+    """Under ZeRO-3 the weights are partitioned as the model loads and only run inside the DeepSpeed engine,
+    which exists from `on_train_begin`; a fresh LoRA adapter is still the identity there. A resumed run has
+    no untrained model left to measure: its `before` is in the first run's metadata."""
+
+    def __init__(self, trainer: CompressionDistillationTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.trainer.log_loyalty("before")
+        else:
+            logger.warning("resumed at step %d under ZeRO-3: loyalty before training is not measured again", state.global_step)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -112,10 +128,37 @@ def init_cpu_distributed() -> None:
     """
     if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # Without an accelerator, accelerate would silently train as plain multi-process DDP.
+        raise ValueError(
+            "FSDP needs GPUs (accelerate shards only on an accelerator device); on CPU launch with "
+            "configs/accelerate/cpu.yaml (DDP over gloo), zero2.yaml or zero3.yaml (DeepSpeed over gloo)"
+        )
     from accelerate import PartialState
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     PartialState(cpu=not deepspeed, backend="gloo")
+
+
+def check_projection_training(trainer: CompressionDistillationTrainer, distill_args: DistillationArguments) -> None:
+    """Refuse the set-ups in which trained projections would not be trained as asked."""
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError(
+            "train_projections is not supported under DeepSpeed ZeRO-3: a partitioned parameter is gathered only "
+            "inside its own module's forward, and the replay reads the projections from the attention layers; "
+            "use ZeRO-2 or DDP"
+        )
+    if trainer.is_fsdp_enabled:
+        raise ValueError(
+            "train_projections is not supported under FSDP (sharded parameters read outside their unit's "
+            "forward, not verified); use DDP or DeepSpeed ZeRO-2"
+        )
+    if trainer.is_deepspeed_enabled and distill_args.projection_learning_rate is not None:
+        if "optimizer" in trainer.accelerator.state.deepspeed_plugin.deepspeed_config:
+            raise ValueError(
+                "projection_learning_rate needs the Trainer's optimizer, but the DeepSpeed config defines its "
+                "own `optimizer` section; remove it or drop projection_learning_rate"
+            )
 
 
 def _dtype(name: str | None) -> torch.dtype:
@@ -132,6 +175,8 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
     init_cpu_distributed()
     distill_args, kv_args, training_args, model_args = parse_args(argv)
     kv_config = kv_args.to_config()
+    if distill_args.train_projections:
+        TrainableProjections.check_config(kv_config)
     check_output_dir(training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
@@ -146,6 +191,11 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
         teacher = AdapterDisabledTeacher(model)
     else:
         teacher = FrozenCopyTeacher(model, offload=distill_args.teacher_offload)
+    projections = None
+    if distill_args.train_projections:
+        # Attached after PEFT (which freezes every parameter it did not add) and after the teacher copy.
+        projections = TrainableProjections.from_config(kv_config, model.config)
+        projections.attach(model)
     model.train()
 
     texts = load_texts(distill_args.dataset_name, distill_args.dataset_train_split, text_field=distill_args.dataset_text_field)
@@ -169,12 +219,18 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
         kv_config=kv_config,
         teacher=teacher,
         loyalty_blocks=loyalty_blocks,
+        projections=projections,
     )
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     if zero3 and distill_args.merge_adapter:
         raise ValueError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
+    if projections is not None:
+        check_projection_training(trainer, distill_args)
 
-    trainer.log_loyalty("before")
+    if zero3:
+        trainer.add_callback(LoyaltyAtTrainBegin(trainer))
+    else:
+        trainer.log_loyalty("before")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_loyalty("after")
 
@@ -203,12 +259,14 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
                     "training": training_args.to_dict(),
                 },
                 "resumed_from": resume,
+                "projections": projections.metadata() if projections is not None else {"trained": False},
                 "metrics": {
                     "train": result.metrics,
                     "loyalty": trainer.loyalty,
                     "log_history": trainer.state.log_history,
                 },
             },
+            projections=projections,
         )
     trainer.accelerator.wait_for_everyone()
     return output_dir

@@ -9,6 +9,10 @@ over forward and backward, so that gradient checkpointing recomputes layers unde
 between the two next-token distributions is computed from hidden states in chunks
 (`kvtrain.training.losses`) over the continuation only (prompt and padding are masked). Only what `Trainer` lacks is written here: the loss,
 metric logging, loyalty evaluation and atomic checkpoints.
+
+With `train_projections`, the low-rank projections are parameters of the student (`TrainableProjections`,
+attached as a submodule): the replay computes with them, the optimizer updates them (with their own peak
+learning rate if asked), and every checkpoint holds them next to the HF weights, which never contain them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -32,6 +38,7 @@ from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.losses import distillation_loss
 from kvtrain.training.on_policy import generate_continuations, step_generator
+from kvtrain.training.projections import CHECKPOINT_FILE, TrainableProjections
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher, final_hidden_states
 
 _ON_POLICY_SALT = 1
@@ -50,6 +57,7 @@ class CompressionDistillationTrainer(Trainer):
         kv_config: KVCompressionConfig,
         teacher: AdapterDisabledTeacher | FrozenCopyTeacher,
         loyalty_blocks: Tensor | None = None,
+        projections: TrainableProjections | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -63,13 +71,14 @@ class CompressionDistillationTrainer(Trainer):
         self.loyalty: dict[str, dict] = {}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_replay: Replay | None = None
+        self.projections = projections
         _check_head_supported(causal_lm(self.model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step` with the replay bound over forward *and* backward: under gradient
         checkpointing the backward pass recomputes each layer, which must attend as the forward did."""
         base = causal_lm(self.accelerator.unwrap_model(model))
-        with replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len) as replay:
+        with self._replay(base) as replay:
             self._step_replay = replay
             try:
                 return super().training_step(model, inputs, num_items_in_batch)
@@ -85,11 +94,11 @@ class CompressionDistillationTrainer(Trainer):
         base = causal_lm(self.accelerator.unwrap_model(model))
         on_policy = self._is_on_policy_step()
         if on_policy:
-            with replay_disabled(base):
+            with replay_disabled(base), self._cache_config() as kv_config:
                 ids, mask = generate_continuations(
                     self.accelerator.unwrap_model(model),
                     base,
-                    self.kv_config,
+                    kv_config,
                     ids[:, :prefill],
                     ids.shape[1],
                     temperature=self.distill_args.on_policy_temperature,
@@ -125,7 +134,40 @@ class CompressionDistillationTrainer(Trainer):
         training step (evaluation), one for this forward alone."""
         if self._step_replay is not None:
             return contextlib.nullcontext(self._step_replay)
-        return replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len)
+        return self._replay(base)
+
+    def _replay(self, base) -> contextlib.AbstractContextManager:
+        pairs = self.projections.layer_pairs() if self.projections is not None else None
+        return replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len, projections=pairs)
+
+    @contextlib.contextmanager
+    def _cache_config(self):
+        """The compression config for what reads projections from a file (`CompressedCache`, loyalty): with
+        trained projections, a copy naming a snapshot of their current values."""
+        if self.projections is None:
+            yield self.kv_config
+            return
+        with tempfile.TemporaryDirectory(prefix="kvtrain-projections-") as folder:
+            path = Path(folder) / "projections.safetensors"
+            self.projections.save(path)
+            lowrank = dataclasses.replace(self.kv_config.lowrank, projections=str(path))
+            yield dataclasses.replace(self.kv_config, lowrank=lowrank)
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        """`Trainer.create_optimizer`, with the trained projections in a group of their own: peak learning
+        rate `projection_learning_rate` (the scheduler scales every group alike) and no weight decay, which
+        would pull them towards zero rather than towards the calibrated solution."""
+        optimizer = super().create_optimizer(model)
+        if self.projections is None:
+            return optimizer
+        own = list(self.projections.parameters())
+        ids = {id(p) for p in own}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        lr = self.distill_args.projection_learning_rate or self.args.learning_rate
+        optimizer.add_param_group({"params": own, "lr": lr, "weight_decay": 0.0})
+        return optimizer
 
     def _is_on_policy_step(self) -> bool:
         fraction = self.distill_args.on_policy_fraction
@@ -157,18 +199,21 @@ class CompressionDistillationTrainer(Trainer):
             ones = torch.ones_like(ids)
             with self.teacher.on_device(ids.device):
                 hidden = self.teacher.hidden_states(ids, ones, position_ids_from_mask(ones))
-                return hidden @ self.teacher.head_weight().T
+                head = self.teacher.head_weight()
+                with _gathered(head):
+                    return hidden @ head.T
 
         try:
-            result = evaluate_loyalty(
-                causal_lm(model),
-                [self.kv_config],
-                self.loyalty_blocks.to(self.args.device),
-                context_len=self.distill_args.prefill_len,
-                reference=teacher_logits,
-                method="replay",
-                progress=False,
-            )[0].to_dict()
+            with self._cache_config() as kv_config:
+                result = evaluate_loyalty(
+                    causal_lm(model),
+                    [kv_config],
+                    self.loyalty_blocks.to(self.args.device),
+                    context_len=self.distill_args.prefill_len,
+                    reference=teacher_logits,
+                    method="replay",
+                    progress=False,
+                )[0].to_dict()
         finally:
             model.train(was_training)
         self.loyalty[tag] = result
@@ -185,11 +230,31 @@ class CompressionDistillationTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         with checkpoints.staging_prefix():
             super()._save_checkpoint(model, trial)
+        if self.projections is not None and self.args.should_save:
+            self.projections.save(staging / CHECKPOINT_FILE)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.publish(staging, checkpoints.final_dir(run_dir, self.state.global_step))
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save` without the trained projections: the HF weights load into a plain model (or
+        adapter), and the projections are saved in the calibration format instead."""
+        if self.projections is not None:
+            state_dict = self.model.state_dict() if state_dict is None else state_dict
+            state_dict = {k: v for k, v in state_dict.items() if not TrainableProjections.is_own(k)}
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.projections is not None:
+            self.projections.load(Path(resume_from_checkpoint) / CHECKPOINT_FILE)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The checkpoint's weights lack the projections by design (`_load_from_checkpoint` restores them)."""
+        missing = [k for k in load_result.missing_keys if not TrainableProjections.is_own(k)]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
 
 def _pad_id(model, tokenizer) -> int:

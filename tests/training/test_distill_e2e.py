@@ -104,3 +104,14 @@ def test_report_to_wandb_offline_writes_a_run(tiny_model_dir, tmp_path, monkeypa
           "--max_steps", "2", "--save_strategy", "no", "--report_to", "wandb", "--use_cpu", "true"])
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_fsdp_on_a_cpu_machine_is_refused_not_run_as_ddp(monkeypatch):
+    from kvtrain.training.run import init_cpu_distributed
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP is available with GPUs")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP needs GPUs"):
+        init_cpu_distributed()

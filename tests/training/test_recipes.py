@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvtrain.config import KVCompressionConfig
 from kvtrain.training.run import ARGUMENT_TYPES, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +36,8 @@ def test_every_model_has_a_recipe():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parts[-3])
-def test_recipe_keys_land_unchanged(recipe, tmp_path):
+def test_recipe_keys_land_unchanged(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes are run from the repository root, where their kv_config paths start
     raw = yaml.safe_load(recipe.read_text())
     parsed = parse_args(["--config", str(recipe), *CPU_OVERRIDES, "--output_dir", str(tmp_path)])
     for key, expected in raw.items():
@@ -48,7 +50,10 @@ def test_recipe_keys_land_unchanged(recipe, tmp_path):
     distill, kv, training, model = parsed
     assert model.model_name_or_path == HUB_IDS[recipe.parts[-3]]
     config = kv.to_config()
-    assert config.scorer.name == raw["kv_scorer"] and config.budget == raw["kv_budget"]
+    if "kv_config" in raw:
+        assert config == KVCompressionConfig.load(REPO / raw["kv_config"])
+    else:
+        assert config.scorer.name == raw["kv_scorer"] and config.budget == raw["kv_budget"]
     assert distill.prefill_len < distill.block_len and model.use_peft
 
 
@@ -57,6 +62,15 @@ def test_embedded_default_recipe_is_the_gkv_setup():
     config = kv.to_config()
     assert (config.scorer.name, config.budget, distill.block_len, distill.prefill_len) == ("gkv", 128, 512, 256)
     assert model.use_peft and model.model_name_or_path == "smollm2-135m"
+
+
+def test_kqsvd_recipe_trains_rank16_projections_without_eviction(monkeypatch):
+    monkeypatch.chdir(REPO)
+    distill, kv, _, model = parse_args(["--config", str(REPO / "recipes/smollm2-135m/distill/kqsvd.yaml")])
+    config = kv.to_config()
+    assert distill.train_projections and model.use_peft
+    assert (config.lowrank.key_rank, config.lowrank.value_rank, config.lowrank.keys, config.lowrank.values) == (16, 16, True, True)
+    assert config.budget is None and config.compression_ratio == 0.0
 
 
 def test_cli_overrides_recipe(tmp_path):
