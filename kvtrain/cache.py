@@ -38,17 +38,46 @@ def layer_awaiting_attention(layer_idx: int) -> "CompressedLayer | None":
     return None
 
 
-def mark_awaiting_attention(layer) -> None:
-    """Called by a layer's `update`: its attention is due next (a `CompressedLayer` or a `SalsLayer`)."""
-    _AWAITING_ATTENTION.set(layer)
-
-
-class CompressedLayer(CacheLayerMixin):
-    """One layer's compressed KV store (a dense layer when `compressor` is None)."""
+class AttendingLayer(CacheLayerMixin):
+    """A cache layer whose attention the registered ``kvtrain`` attention function runs (`attend`) between
+    `update` and storing: subclasses say what `update` hands back (`_visible`) and implement `attend`."""
 
     is_compileable = False
     is_croppable = False
     supports_early_init = False
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self._pending is not None:
+            raise RuntimeError(
+                "CompressedCache layer was updated twice without an attention call in between: the model must "
+                "use attn_implementation='kvtrain' (call kvtrain.attention.use_kvtrain_attention(model) or build "
+                "the cache with CompressedCache.for_model)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = (key_states, value_states)
+        _AWAITING_ATTENTION.set(self)
+        return self._visible(key_states, value_states)
+
+    def _visible(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_state()
+        self.records = []
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with CompressedCache")
+
+
+class CompressedLayer(AttendingLayer):
+    """One layer's compressed KV store (a dense layer when `compressor` is None)."""
 
     def __init__(
         self, layer_idx: int, compressor: LayerCompressor | None, rope_theta: float, record: bool, notices: "Notices"
@@ -85,41 +114,18 @@ class CompressedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if self._pending is not None:
-            raise RuntimeError(
-                "CompressedCache layer was updated twice without an attention call in between: the model must "
-                "use attn_implementation='kvtrain' (call kvtrain.attention.use_kvtrain_attention(model) or build "
-                "the cache with CompressedCache.for_model)"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._pending = (key_states, value_states)
-        _AWAITING_ATTENTION.set(self)
+    def _visible(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         return (
             torch.cat([self.stored.keys, key_states], dim=2),
             torch.cat([self.stored.values, value_states], dim=2),
         )
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = 0 if self.stored is None else self.stored.length
         return stored + query_length, self.seen - stored
 
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._reset_state()
-        self.records = []
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be cropped: evicted tokens are gone")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported with CompressedCache")
 
     # ------------------------------------------------------------------ called by the attention function
     def attend(

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import CacheLayerMixin
 
 from kvtrain.attention import attend_with_stored, key_validity
+from kvtrain.cache import AttendingLayer
 from kvtrain.compress import EventRecord, LayerCompressor
 from kvtrain.lowrank.sals import SalsBasis, reconstruct_keys
 from kvtrain.sals_runtime import SalsRuntime, recency_scores
@@ -55,12 +55,8 @@ class SalsStore:
         return self.latents.nbytes + self.value_store.nbytes
 
 
-class SalsLayer(CacheLayerMixin):
+class SalsLayer(AttendingLayer):
     """One layer's SALS store; built by `CompressedCache` for every non-dense layer of a SALS config."""
-
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
 
     def __init__(self, layer_idx: int, compressor: LayerCompressor, runtime: SalsRuntime, record: bool):
         super().__init__()
@@ -99,38 +95,14 @@ class SalsLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        from kvtrain.cache import mark_awaiting_attention
-
-        if self._pending is not None:
-            raise RuntimeError(
-                "CompressedCache layer was updated twice without an attention call in between: the model must "
-                "use attn_implementation='kvtrain' (build the cache with CompressedCache.for_model)"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._pending = (key_states, value_states)
-        mark_awaiting_attention(self)
+    def _visible(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return query_length, self.seen
 
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._reset_state()
-        self.records = []
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a SALS cache cannot be cropped")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported with CompressedCache")
 
     # ------------------------------------------------------------------ called by the attention function
     def attend(

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kvtrain.calibrate.fit import METHODS, Projections
 from kvtrain.calibrate.sals_basis import SALS_BASIS, read_sals_basis
-from kvtrain.io import atomic_write_bytes, atomic_write_text
+from kvtrain.io import atomic_write_bytes, atomic_write_text, read_tagged_safetensors
 from kvtrain.lowrank import LowRankPair
 from kvtrain.lowrank.sals import SalsBasis
 from kvtrain.models import check_fingerprint, model_fingerprint
@@ -100,16 +100,7 @@ def write_projections(path: Path, projections: Projections, fingerprint: dict[st
 
 def read_projections(path: Path, num_layers: int, num_kv_heads: int, head_dim: int) -> Projections:
     """Read and shape-check ``projections.safetensors``; every error names the file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if metadata.get("kind") != PROJECTIONS_KIND:
-        raise ValueError(f"{path}: metadata kind={metadata.get('kind')!r}, expected {PROJECTIONS_KIND!r}")
-    if metadata.get("schema_version") != str(SCHEMA_VERSION):
-        raise ValueError(f"{path}: schema_version={metadata.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    metadata, tensors = read_tagged_safetensors(path, PROJECTIONS_KIND, SCHEMA_VERSION)
     method = metadata.get("method")
     if method not in METHODS:
         raise ValueError(f"{path}: method={method!r} is not one of {METHODS}")

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from kvtrain.io import atomic_write_bytes
+from kvtrain.io import atomic_write_bytes, read_tagged_safetensors
 from kvtrain.lowrank.gram import JointKeyGramAccumulator
 from kvtrain.lowrank.sals import SalsBasis, fit_sals_basis
 from kvtrain.models import check_fingerprint, head_dim, model_fingerprint
@@ -56,16 +55,7 @@ def read_sals_basis(path: str | Path, model_config, rank: int | None = None) -> 
     calibration tokens determine.
     """
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if metadata.get("kind") != SALS_BASIS_KIND:
-        raise ValueError(f"{path}: metadata kind={metadata.get('kind')!r}, expected {SALS_BASIS_KIND!r}")
-    if metadata.get("schema_version") != str(SCHEMA_VERSION):
-        raise ValueError(f"{path}: schema_version={metadata.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    metadata, tensors = read_tagged_safetensors(path, SALS_BASIS_KIND, SCHEMA_VERSION)
     check_fingerprint(json.loads(metadata.get("fingerprint", "{}")), model_fingerprint(model_config), path)
     num_layers = int(model_config.num_hidden_layers)
     h_kv = int(getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads)
