@@ -2,8 +2,8 @@
 
 `TrainableProjections` holds, for every layer the compression config compresses, the key-side and the
 value-side pair (`a`, `b`: ``[h_kv, d, r]``, as in `LowRankPair`) as float32 parameters initialised from
-the calibrated file (truncated to the configured ranks). It is attached to the student as a submodule
-(`attach`), so that the Trainer's optimizer, DDP's gradient all-reduce, `accelerate`'s device placement and
+the calibrated file (truncated to the configured ranks) and rescaled to balanced factors (`balanced`: the
+same map, factors an optimizer can move alike). It is attached to the student as a submodule (`attach`), so that the Trainer's optimizer, DDP's gradient all-reduce, `accelerate`'s device placement and
 DeepSpeed ZeRO-2 treat the projections like any other weight; the replay of every training step computes
 with these very parameters (`layer_pairs`), so gradients reach them through the (linear) low-rank codec.
 
@@ -47,8 +47,9 @@ class TrainableProjections(nn.Module):
         for side, pairs in zip(_SIDES, trained):
             for layer, pair in enumerate(pairs):
                 if pair is not None:
-                    self.pairs[_name(side, layer, "a")] = nn.Parameter(pair.a.detach().to(torch.float32).clone())
-                    self.pairs[_name(side, layer, "b")] = nn.Parameter(pair.b.detach().to(torch.float32).clone())
+                    a, b = balanced(pair.a.detach().to(torch.float32), pair.b.detach().to(torch.float32))
+                    self.pairs[_name(side, layer, "a")] = nn.Parameter(a)
+                    self.pairs[_name(side, layer, "b")] = nn.Parameter(b)
 
     @classmethod
     def from_config(cls, kv_config: KVCompressionConfig, model_config) -> "TrainableProjections":
@@ -148,6 +149,18 @@ class TrainableProjections(nn.Module):
     def is_own(parameter_name: str) -> bool:
         """Whether a (state-dict or parameter) name of the student belongs to the attached projections."""
         return parameter_name.startswith(ATTRIBUTE + ".") or f".{ATTRIBUTE}." in parameter_name
+
+
+def balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same low-rank map ``b a^T`` (``[h, d, r]`` each) with every rank column of `a` and `b` of equal norm.
+
+    The calibrated factors are far apart in scale (KQ-SVD's whitened `a` ~1e-4 per entry, `b` ~10), and Adam
+    moves every entry by about the learning rate: at a rate that trains `b`, `a` would be destroyed in a few
+    steps. Rescaling column j by ``sqrt(|b_j| / |a_j|)`` leaves ``b a^T`` unchanged and gives both the same scale.
+    """
+    tiny = torch.finfo(a.dtype).tiny
+    scale = (b.norm(dim=1, keepdim=True).clamp_min(tiny) / a.norm(dim=1, keepdim=True).clamp_min(tiny)).sqrt()
+    return a * scale, b / scale
 
 
 def _name(side: str, layer: int, part: str) -> str:

@@ -128,3 +128,14 @@ def test_model_gradient_equals_central_differences(model_and_projections):
                 down = loss().item()
                 param[index] = original
             assert grads[name][index].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8), (name, index)
+
+
+def test_balanced_factors_keep_the_map_and_equalise_column_norms():
+    from kvtrain.training.projections import balanced
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 8, 4, generator=g, dtype=torch.float64) * 1e-4  # calibrated scales: tiny a, large b
+    b = torch.randn(3, 8, 4, generator=g, dtype=torch.float64) * 20.0
+    a2, b2 = balanced(a, b)
+    torch.testing.assert_close(b2 @ a2.mT, b @ a.mT, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a2.norm(dim=1), b2.norm(dim=1), rtol=1e-12, atol=0)
