@@ -7,7 +7,8 @@ set), its RoPE position (from ``position_ids``, so left padding works as in the 
 * A prefill forward (several tokens) attends every stored token, reconstructed and rotated, plus its own
   tokens exactly: with one prefill chunk that is exact attention.
 * A decode step scores the stored latents with the un-rotated query on the leading ``r*`` dims, keeps sinks
-  + recent + top-k, reconstructs and rotates only those, and attends them plus its own exact key/value.
+  + recent + top-k, reconstructs and rotates only those keys, decodes only those values (`TokenStore.take`),
+  and attends them plus its own exact key/value.
 * After attention the new tokens' keys are stored as latents; values are archived through their codec after
   each prefill chunk and every ``schedule.interval`` decode steps, as the other layers do.
 
@@ -123,8 +124,8 @@ class SalsLayer(AttendingLayer):
             index, keep = self._select(query, positions)
         latents = torch.gather(stored.latents, 1, index[..., None].expand(*index.shape, self.basis.rank))
         keys = reconstruct_keys(latents, self.basis, *self.runtime.rope(torch.gather(stored.positions, 1, index)))
-        h_kv, d = keys.shape[1], new_values.shape[-1]
-        values = torch.gather(stored.value_store.view(), 2, index[:, None, :, None].expand(b, h_kv, -1, d))
+        h_kv = keys.shape[1]
+        values = stored.value_store.take(index[:, None, :].expand(b, h_kv, -1))
         bias = torch.zeros(keep.shape, device=query.device).masked_fill(~keep, float("-inf"))
         out = attend_with_stored(
             query, keys, values, bias[:, None].expand(b, h_kv, -1), new_keys, new_values, new_valid, scaling

@@ -127,6 +127,27 @@ class TokenStore:
             archived = self.codec.decode(self.archive, self.recent.dtype)
         return torch.cat([archived, self.recent], dim=2)
 
+    def take(self, idx: Tensor) -> Tensor:
+        """Tokens `idx` [b, h, k] (columns of `view()`) as attention sees them, decoding only those: [b, h, k, d]."""
+        n_archived, n_recent = self.archive_length, self.recent.shape[2]
+        if n_archived == 0:
+            return _gather(self.recent, idx)
+        archived_idx = idx.clamp(max=n_archived - 1)
+        if self.straight_through:
+            archived = _gather(self.archive["x"], archived_idx)
+        else:
+            shared = self.codec.shared_across_heads
+            if shared and not bool((idx == idx[:, :1]).all()):
+                raise ValueError("taking different tokens per KV head from an archive whose data is shared by the heads")
+            picked = {
+                name: _gather(t, archived_idx[:, :1] if name in shared else archived_idx) for name, t in self.archive.items()
+            }
+            archived = self.codec.decode(picked, self.recent.dtype)
+        if n_recent == 0:
+            return archived
+        recent = _gather(self.recent, (idx - n_archived).clamp(0, n_recent - 1))
+        return torch.where((idx < n_archived)[..., None], archived, recent)
+
     def append(self, x: Tensor) -> "TokenStore":
         return TokenStore(torch.cat([self.recent, x], dim=2), self.codec, self.archive, self.straight_through)
 

@@ -152,3 +152,19 @@ def test_corrupt_projections_name_the_file(tmp_path, model):
 def test_impossible_combinations_are_refused(fields, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         config(**fields)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_take_decodes_only_the_asked_tokens_as_the_full_view_would(straight_through):
+    from kvtrain.lowrank.kqsvd import LowRankPair
+    from kvtrain.storage import ChainCodec, LowRankCodec, TadaCodec, TokenStore
+
+    g = torch.Generator().manual_seed(0)
+    pair = LowRankPair(torch.randn(2, 8, 4, generator=g), torch.randn(2, 8, 4, generator=g), torch.ones(2, 4))
+    for codec in (TadaCodec(4, 8), LowRankCodec(pair), ChainCodec(LowRankCodec(pair), TadaCodec(2, 4))):
+        store = TokenStore(torch.randn(1, 2, 0, 8, generator=g), codec, straight_through=straight_through)
+        store = store.append(torch.randn(1, 2, 5, 8, generator=g)).flush().append(torch.randn(1, 2, 3, 8, generator=g))
+        idx = torch.tensor([[0, 2, 4, 5, 7]]).expand(1, 2, 5)  # archived and recent tokens, the same in both heads
+        for held in (store, store.flush()):  # archive + recent tokens, and an archive alone
+            expected = torch.gather(held.view(), 2, idx[..., None].expand(1, 2, 5, 8))
+            torch.testing.assert_close(held.take(idx), expected, rtol=0, atol=0)
