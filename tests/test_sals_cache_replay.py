@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from kvtrain.cache import CompressedCache
 from kvtrain.calibrate import calibrate
 from kvtrain.config import KVCompressionConfig, QuantConfig, SalsConfig, ScheduleConfig
-from kvtrain.generation import position_ids_from_mask, teacher_forced_decode
+from kvtrain.generation import teacher_forced_decode
 from kvtrain.models import tiny_model, tiny_tokenizer
 from kvtrain.replay import replay_compression
+from tests.test_cache_replay import run_both
 
 SEQ, PREFILL, H_KV, H_Q, D, LAYERS = 70, 40, 2, 6, 16, 3
 WIDTH = H_KV * D
@@ -49,12 +50,7 @@ def sals_config(basis: str, **overrides) -> KVCompressionConfig:
 
 
 def decode_and_replay(model, config, input_ids, attention_mask=None, prefill_len=PREFILL):
-    cache = CompressedCache.for_model(model, config, record=True)
-    decoded = teacher_forced_decode(model, cache, input_ids, attention_mask, prefill_len=prefill_len)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    with torch.no_grad(), replay_compression(model, config, prefill_len=prefill_len):
-        replayed = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                         use_cache=False).logits
+    cache, decoded, _, replayed = run_both(model, config, input_ids, attention_mask, prefill_len)
     return cache, decoded, replayed
 
 

@@ -120,6 +120,20 @@ class Interrupt(Exception):
     pass
 
 
+def interrupt_at(forward: int):
+    """An attention observer that raises `Interrupt` (like a kill) at the `forward`-th forward of layer 0."""
+    forwards = 0
+
+    def interrupt(module, query, key, value, mask):
+        nonlocal forwards
+        forwards += module.layer_idx == 0
+        if forwards == forward:
+            raise Interrupt  # like a kill: nothing after this point runs
+        return None
+
+    return interrupt
+
+
 # Forwards (counted at layer 0): 4 statistics blocks, checkpointed after blocks 2 and 4; then the TaDA pass:
 # 1 reference forward and 3 per layer (bits 2, 4, 8).
 @pytest.mark.parametrize(
@@ -129,17 +143,7 @@ class Interrupt(Exception):
 def test_resume_after_interruption_is_bit_identical(tmp_path, tokenizer, stop_at_forward, blocks_done, tada_rows):
     reference = run(tmp_path / "ref", tokenizer, rank=6)
     model = tiny_model()
-    forwards = 0
-
-    def interrupt(module, query, key, value, mask):
-        nonlocal forwards
-        if module.layer_idx == 0:
-            forwards += 1
-            if forwards == stop_at_forward:
-                raise Interrupt  # like a kill: nothing after this point runs
-        return None
-
-    with observe_attention(model, interrupt), pytest.raises(Interrupt):
+    with observe_attention(model, interrupt_at(stop_at_forward)), pytest.raises(Interrupt):
         run(tmp_path / "cut", tokenizer, model, rank=6)
     progress = json.loads((tmp_path / "cut" / ARTIFACT_DIR / STATE_DIR / "progress.json").read_text())
     assert progress["blocks_done"] == blocks_done and len(progress["tada_rows"]) == tada_rows
@@ -150,15 +154,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, tokenizer, stop_at
 
 def test_checkpoint_from_other_data_is_refused(tmp_path, tokenizer):
     model = tiny_model()
-    forwards = 0
-
-    def interrupt(module, query, key, value, mask):
-        nonlocal forwards
-        forwards += module.layer_idx == 0
-        if forwards == 3:
-            raise Interrupt
-
-    with observe_attention(model, interrupt), pytest.raises(Interrupt):
+    with observe_attention(model, interrupt_at(3)), pytest.raises(Interrupt):
         run(tmp_path, tokenizer, model, rank=6)
     with pytest.raises(ValueError, match="different token_ids_sha256"):
         run(tmp_path, tokenizer, model, rank=6, block_len=40)

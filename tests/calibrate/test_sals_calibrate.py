@@ -16,6 +16,7 @@ from kvtrain.calibrate.run import STATE_DIR
 from kvtrain.calibrate.sals_basis import SALS_BASIS, read_sals_basis
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.models import tiny_model, tiny_tokenizer
+from tests.calibrate.test_calibrate import Interrupt, interrupt_at
 
 N_BLOCKS, BLOCK_LEN = 4, 48
 COMMON = dict(fit=("sals",), num_blocks=N_BLOCKS, block_len=BLOCK_LEN, checkpoint_every=2, progress=False)
@@ -103,23 +104,9 @@ def test_rank_above_the_calibrated_directions(tmp_path, tokenizer):
         read_sals_basis(folder / SALS_BASIS, tiny_model().config, rank=20)
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_after_interruption_is_bit_identical(tmp_path, tokenizer, basis_path):
     model = tiny_model()
-    forwards = 0
-
-    def interrupt(module, query, key, value, mask):
-        nonlocal forwards
-        if module.layer_idx == 0:
-            forwards += 1
-            if forwards == 3:
-                raise Interrupt
-        return None
-
-    with observe_attention(model, interrupt), pytest.raises(Interrupt):
+    with observe_attention(model, interrupt_at(3)), pytest.raises(Interrupt):
         calibrate(model, tokenizer, out_dir=tmp_path, **COMMON)
     progress = json.loads((tmp_path / ARTIFACT_DIR / STATE_DIR / "progress.json").read_text())
     assert progress["blocks_done"] == 2 and progress["key"]["groups"] == ["sals_grams"]
