@@ -6,7 +6,8 @@ are recomputed from the hidden states and the lm_head weights, three times (log-
 gradient), so the peak extra memory is a few [C, V_c] float32 blocks plus the gradient of the hidden
 states [N, H] (and of the lm_head weight when it is trained). The gradient is computed during the forward
 (Liger's fused-linear idea) and only scaled in `backward`; the cost is three lm_head matmuls per direction
-instead of one.
+instead of one, unless `vocab_chunk` covers the whole vocabulary: then each token chunk's logits are
+computed once (memory [C, V] per model, bounded by `chunk_tokens`).
 
 Conventions (nats, per supervised token, softened by temperature T: p = softmax(z / T)):
 * ``forward_kl``: KL(p_teacher || p_student), mass-covering, the default (G-KV's distillation loss);
@@ -136,8 +137,28 @@ def _chunk(
     hs32, ht32 = hs.float(), ht.float()
     slices = _vocab_slices(ws.shape[0], spec.vocab_chunk)
 
+    def once_if_single(fn):
+        """With a single vocabulary chunk its tensors are held anyway: the passes share one computation."""
+        memo: list = []
+
+        def shared(v: slice):
+            if memo:
+                return memo[0]
+            out = fn(v)
+            if len(slices) == 1:
+                memo.append(out)
+            return out
+
+        return shared
+
+    @once_if_single
     def logits(v: slice) -> tuple[Tensor, Tensor]:
         return hs32 @ ws[v].float().T, ht32 @ wt[v].float().T  # raw student / teacher logits [C, V_c]
+
+    @once_if_single
+    def terms(v: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        zs, zt = logits(v)
+        return zs, *_divergence_terms(zs / t - lse_s[:, None], zt / t - lse_t[:, None], spec)
 
     # Pass 1: log-normalisers over the whole vocabulary, accumulated chunk by chunk.
     lse_s = lse_t = lse_1 = None
@@ -152,15 +173,13 @@ def _chunk(
     div = torch.zeros(hs.shape[0], dtype=torch.float32, device=hs.device)
     q_sum = torch.zeros_like(div)
     for v in slices:
-        zs, zt = logits(v)
-        d, q, _ = _divergence_terms(zs / t - lse_s[:, None], zt / t - lse_t[:, None], spec)
+        _, d, q, _ = terms(v)
         div += d.sum(-1)
         q_sum += q.sum(-1)
 
     # Pass 3: dL/dz_raw = T^2 * (1/T) * (q - p_s * sum q)  [+ ce_weight * (softmax(z) - onehot)].
     for v in slices:
-        zs, zt = logits(v)
-        _, q, log_ps = _divergence_terms(zs / t - lse_s[:, None], zt / t - lse_t[:, None], spec)
+        zs, _, q, log_ps = terms(v)
         dz = t * (q - log_ps.exp() * q_sum[:, None])
         if spec.ce_weight > 0.0:
             dz += spec.ce_weight * (zs - lse_1[:, None]).exp()
