@@ -136,21 +136,30 @@ def _load_dataset(source: str, split: str, text_field: str) -> list[str]:
 
 
 def token_blocks(
-    tokenizer: Any, texts: Sequence[str] | Iterable[str], block_len: int, n_blocks: int | None = None
+    tokenizer: Any,
+    texts: Sequence[str] | Iterable[str],
+    block_len: int,
+    n_blocks: int | None = None,
+    stride: int | None = None,
 ) -> torch.Tensor:
-    """Tokenise documents, join them with EOS, and cut consecutive blocks: LongTensor ``[n, block_len]``.
+    """Tokenise documents, join them with EOS, and cut blocks: LongTensor ``[n, block_len]``.
 
-    ``n`` is ``n_blocks`` when given (an error if the text is too short for that many), else every full
-    block; the incomplete tail is dropped. No BOS or other special tokens are added inside documents.
+    Block ``i`` starts at token ``i * stride`` (default ``stride = block_len``: consecutive, disjoint blocks;
+    a smaller stride gives overlapping windows, so a small corpus yields more distinct prompt/continuation
+    splits). ``n`` is ``n_blocks`` when given (an error if the text is too short for that many), else every
+    full block; the incomplete tail is dropped. No BOS or other special tokens are added inside documents.
     """
     if block_len < 1:
         raise ValueError(f"block_len must be >= 1, got {block_len}")
     if n_blocks is not None and n_blocks < 1:
         raise ValueError(f"n_blocks must be >= 1 or None, got {n_blocks}")
+    stride = block_len if stride is None else stride
+    if not 1 <= stride <= block_len:
+        raise ValueError(f"stride={stride} must be in [1, block_len={block_len}]")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("token_blocks needs a tokenizer with an eos_token_id to separate documents")
-    needed = None if n_blocks is None else n_blocks * block_len
+    needed = None if n_blocks is None else (n_blocks - 1) * stride + block_len
     ids: list[int] = []
     for i, text in enumerate(texts):
         if i > 0:
@@ -159,12 +168,13 @@ def token_blocks(
         ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if needed is not None and len(ids) >= needed:
             break
-    available = len(ids) // block_len
-    if available == 0:
+    if len(ids) < block_len:
         raise ValueError(f"text too short: {len(ids)} tokens, fewer than one block of block_len={block_len}")
+    available = (len(ids) - block_len) // stride + 1
     if n_blocks is not None and n_blocks > available:
         raise ValueError(
-            f"text too short: {len(ids)} tokens give {available} blocks of {block_len}, but n_blocks={n_blocks}"
+            f"text too short: {len(ids)} tokens give {available} blocks of {block_len} (stride {stride}), "
+            f"but n_blocks={n_blocks}"
         )
     n = available if n_blocks is None else n_blocks
-    return torch.tensor(ids[: n * block_len], dtype=torch.long).view(n, block_len)
+    return torch.tensor(ids, dtype=torch.long).unfold(0, block_len, stride)[:n].contiguous()

@@ -112,7 +112,7 @@ def test_datasets_folder_passes_the_split_through(tmp_path: Path) -> None:
         load_texts(str(tmp_path), text_field="body")
 
 
-def _reference_blocks(tokenizer, texts: list[str], block_len: int) -> list[list[int]]:
+def _reference_blocks(tokenizer, texts: list[str], block_len: int, stride: int | None = None) -> list[list[int]]:
     stream: list[int] = []
     for i, text in enumerate(texts):
         if i:
@@ -120,7 +120,7 @@ def _reference_blocks(tokenizer, texts: list[str], block_len: int) -> list[list[
         for word in text.split():  # word-level tokenizer without punctuation: one id per word
             stream.append(tokenizer.convert_tokens_to_ids(word))
     blocks = []
-    for start in range(0, len(stream) - block_len + 1, block_len):
+    for start in range(0, len(stream) - block_len + 1, stride or block_len):
         blocks.append(stream[start:start + block_len])
     return blocks
 
@@ -135,6 +135,10 @@ def test_token_blocks_match_an_explicit_loop() -> None:
     assert blocks.tolist() == expected
     # Asking for fewer blocks gives the leading ones.
     assert token_blocks(tokenizer, texts, 8, n_blocks=3).tolist() == expected[:3]
+    for stride in (1, 3, 8):
+        overlapping = _reference_blocks(tokenizer, texts, 8, stride)
+        assert token_blocks(tokenizer, texts, 8, stride=stride).tolist() == overlapping
+        assert token_blocks(tokenizer, texts, 8, n_blocks=4, stride=stride).tolist() == overlapping[:4]
 
 
 def test_token_blocks_errors() -> None:
@@ -147,6 +151,9 @@ def test_token_blocks_errors() -> None:
         token_blocks(tokenizer, ["the"], 0)
     with pytest.raises(ValueError, match="n_blocks"):
         token_blocks(tokenizer, ["the"], 1, n_blocks=0)
+    for stride in (0, 5):
+        with pytest.raises(ValueError, match=f"stride={stride}"):
+            token_blocks(tokenizer, ["the " * 10], 4, stride=stride)
 
 
 def test_token_blocks_needs_an_eos_token() -> None:

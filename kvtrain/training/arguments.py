@@ -18,6 +18,7 @@ class DistillationArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "split of dataset_name used for training"})
     dataset_text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl / datasets sources"})
     block_len: int = field(default=512, metadata={"help": "tokens per training sequence (prompt + continuation)"})
+    block_stride: Optional[int] = field(default=None, metadata={"help": "tokens between the starts of consecutive training blocks (default block_len: disjoint; smaller: overlapping windows, more distinct prompt/continuation splits of the same text)"})
     max_blocks: Optional[int] = field(default=None, metadata={"help": "use at most this many training blocks (default: all)"})
     prefill_len: int = field(default=256, metadata={"help": "leading tokens treated as the prompt: prefilled by the cache, masked in the loss"})
     loss: str = field(default="forward_kl", metadata={"help": f"divergence: one of {DIVERGENCES}; forward_kl = KL(teacher || student)"})
@@ -42,6 +43,8 @@ class DistillationArguments:
             raise ValueError(f"block_len={self.block_len} must be >= 2")
         if not 0 < self.prefill_len < self.block_len:
             raise ValueError(f"prefill_len={self.prefill_len} must be in [1, block_len={self.block_len})")
+        if self.block_stride is not None and not 1 <= self.block_stride <= self.block_len:
+            raise ValueError(f"block_stride={self.block_stride} must be in [1, block_len={self.block_len}]")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ValueError(f"max_blocks={self.max_blocks} must be >= 1")
         if not 0.0 <= self.on_policy_fraction <= 1.0:

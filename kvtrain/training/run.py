@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
     model.train()
 
     texts = load_texts(distill_args.dataset_name, distill_args.dataset_train_split, text_field=distill_args.dataset_text_field)
-    train_blocks = token_blocks(tokenizer, texts, distill_args.block_len, distill_args.max_blocks)
+    train_blocks = token_blocks(tokenizer, texts, distill_args.block_len, distill_args.max_blocks, distill_args.block_stride)
     loyalty_blocks = None
     if distill_args.loyalty_blocks:
         held_out = load_texts(

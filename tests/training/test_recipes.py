@@ -107,6 +107,7 @@ def test_yaml_exponent_string_becomes_a_number(tmp_path):
         ("learning_rate: fast\n", "learning_rate='fast' is not a number"),
         ("use_peft: maybe\n", "use_peft='maybe' must be true or false"),
         ("prefill_len: 600\n", "prefill_len=600"),
+        ("block_stride: 0\n", "block_stride=0"),
         ("loss: kl\n", "divergence='kl'"),
     ],
 )
