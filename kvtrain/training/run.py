@@ -52,16 +52,18 @@ class BlockDataset(torch.utils.data.Dataset):
 class LoyaltyAtTrainBegin(TrainerCallback):
     """Under ZeRO-3 the weights are partitioned as the model loads and only run inside the DeepSpeed engine,
     which exists from `on_train_begin`; a fresh LoRA adapter is still the identity there. A resumed run has
-    no untrained model left to measure: its `before` is in the first run's metadata."""
+    no untrained model left to measure: it takes `before` from the checkpoint it resumes."""
 
-    def __init__(self, trainer: CompressionDistillationTrainer):
+    def __init__(self, trainer: CompressionDistillationTrainer, resume: str | None):
         self.trainer = trainer
+        self.resume = resume
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             self.trainer.log_loyalty("before")
-        else:
-            logger.warning("resumed at step %d under ZeRO-3: loyalty before training is not measured again", state.global_step)
+        elif not self.trainer.restore_loyalty(self.resume, "before"):
+            logger.warning("resumed at step %d under ZeRO-3 from %s, which records no loyalty before training: "
+                           "it is not in this run's metadata", state.global_step, self.resume)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
         check_projection_training(trainer, distill_args)
 
     if zero3:
-        trainer.add_callback(LoyaltyAtTrainBegin(trainer))
+        trainer.add_callback(LoyaltyAtTrainBegin(trainer, resume))
     else:
         trainer.log_loyalty("before")
     result = trainer.train(resume_from_checkpoint=resume)

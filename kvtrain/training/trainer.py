@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import tempfile
 from collections import defaultdict
@@ -33,6 +34,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from kvtrain.config import KVCompressionConfig
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.generation import position_ids_from_mask
+from kvtrain.io import atomic_write_text
 from kvtrain.replay import Replay, replay_compression, replay_disabled
 from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
@@ -42,6 +44,9 @@ from kvtrain.training.projections import CHECKPOINT_FILE, TrainableProjections
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher, final_hidden_states
 
 _ON_POLICY_SALT = 1
+# Each checkpoint records the loyalty measured so far, so that a resumed run whose untrained model can no
+# longer be measured (ZeRO-3, see run.LoyaltyAtTrainBegin) still reports its loyalty before training.
+LOYALTY_FILE = "kvtrain_loyalty.json"
 
 
 def causal_lm(model):
@@ -232,11 +237,23 @@ class CompressionDistillationTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         if self.projections is not None and self.args.should_save:
             self.projections.save(staging / CHECKPOINT_FILE)
+        if self.loyalty and self.args.should_save:
+            atomic_write_text(staging / LOYALTY_FILE, json.dumps(self.loyalty, indent=1))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.publish(staging, checkpoints.final_dir(run_dir, self.state.global_step))
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def restore_loyalty(self, checkpoint: str | Path, tag: str) -> bool:
+        """Take the loyalty `tag` recorded in `checkpoint` (and log it again); False if it holds none."""
+        path = Path(checkpoint) / LOYALTY_FILE
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+        if tag not in recorded:
+            return False
+        self.loyalty[tag] = recorded[tag]
+        self.log({f"loyalty/{tag}/{k}": float(v) for k, v in recorded[tag].items() if v is not None})
+        return True
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """`Trainer._save` without the trained projections: the HF weights load into a plain model (or

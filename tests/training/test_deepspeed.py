@@ -74,3 +74,13 @@ def test_zero3_offload_matches_ddp_and_loads(tiny_model_dir, tmp_path, ddp_run, 
         with torch.no_grad(), replay_compression(model, config, prefill_len=16):
             logits.append(model(input_ids=ids).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+    # Resumed from step 2, the untrained model is gone: the run takes its `before` from the checkpoint.
+    resumed = run_distill(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), *RUN,
+                           "--resume", str(tmp_path / "checkpoint-2")],
+                          launcher=_launch("zero3.yaml", "29557"), env={"DS_ACCELERATOR": "cpu"}, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    resumed_meta = training_metadata(tmp_path)
+    assert resumed_meta["resumed_from"] == str(tmp_path / "checkpoint-2")
+    assert step_losses(resumed_meta["metrics"]["log_history"], "loss")[3] == pytest.approx(ddp_losses[3], rel=1e-4)
+    assert resumed_meta["metrics"]["loyalty"]["before"] == meta["metrics"]["loyalty"]["before"]
