@@ -221,9 +221,12 @@ class CompressionDistillationTrainer(Trainer):
                 )[0].to_dict()
         finally:
             model.train(was_training)
+        self._record_loyalty(tag, result)
+        return result
+
+    def _record_loyalty(self, tag: str, result: dict) -> None:
         self.loyalty[tag] = result
         self.log({f"loyalty/{tag}/{k}": float(v) for k, v in result.items() if v is not None})
-        return result
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
@@ -251,8 +254,7 @@ class CompressionDistillationTrainer(Trainer):
         recorded = json.loads(path.read_text()) if path.is_file() else {}
         if tag not in recorded:
             return False
-        self.loyalty[tag] = recorded[tag]
-        self.log({f"loyalty/{tag}/{k}": float(v) for k, v in recorded[tag].items() if v is not None})
+        self._record_loyalty(tag, recorded[tag])
         return True
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
