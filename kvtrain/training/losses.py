@@ -7,7 +7,7 @@ gradient), so the peak extra memory is a few [C, V_c] float32 blocks plus the gr
 states [N, H] (and of the lm_head weight when it is trained). The gradient is computed during the forward
 (Liger's fused-linear idea) and only scaled in `backward`; the cost is three lm_head matmuls per direction
 instead of one, unless `vocab_chunk` covers the whole vocabulary: then each token chunk's logits are
-computed once (memory [C, V] per model, bounded by `chunk_tokens`).
+computed once and shared by the passes (a few [C, V] float32 blocks, bounded by `chunk_tokens`).
 
 Conventions (nats, per supervised token, softened by temperature T: p = softmax(z / T)):
 * ``forward_kl``: KL(p_teacher || p_student), mass-covering, the default (G-KV's distillation loss);
