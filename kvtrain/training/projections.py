@@ -3,7 +3,8 @@
 `TrainableProjections` holds, for every layer the compression config compresses, the key-side and the
 value-side pair (`a`, `b`: ``[h_kv, d, r]``, as in `LowRankPair`) as float32 parameters initialised from
 the calibrated file (truncated to the configured ranks) and rescaled to balanced factors (`balanced`: the
-same map, factors an optimizer can move alike). It is attached to the student as a submodule (`attach`), so that the Trainer's optimizer, DDP's gradient all-reduce, `accelerate`'s device placement and
+same map, factors an optimizer can move alike). It is attached to the student as a submodule (`attach`),
+so that the Trainer's optimizer, DDP's gradient all-reduce, `accelerate`'s device placement and
 DeepSpeed ZeRO-2 treat the projections like any other weight; the replay of every training step computes
 with these very parameters (`layer_pairs`), so gradients reach them through the (linear) low-rank codec.
 
