@@ -22,8 +22,10 @@ from torch import Tensor
 
 from kvtrain.lowrank.gram import GramAccumulator, ValueGramAccumulator
 
-# Relative ridges tried (times mean diagonal) when a Gram matrix is not numerically positive definite.
-_RIDGES = (1e-12, 1e-10, 1e-8, 1e-6)
+# A Gram whose smallest eigenvalue is at most this fraction of its largest is numerically rank-deficient: it
+# gets a ridge of this fraction of its largest eigenvalue. Deciding from the spectrum, not from whether a
+# Cholesky factorisation happens to succeed, gives the same answer on every CPU's BLAS/LAPACK rounding.
+RANK_TOLERANCE = 1e-10
 
 
 @dataclass(frozen=True)
@@ -78,27 +80,28 @@ def check_gram(gram: Tensor, name: str, layer_idx: int | None) -> None:
 def cholesky_factor(gram: Tensor, name: str, layer_idx: int | None, head: int) -> Tensor:
     """Upper-triangular R with ``R^T R = gram`` ([d, d] float64).
 
-    A rank-deficient Gram gets the smallest relative ridge from ``_RIDGES`` that makes it factorable, with a
-    warning naming the layer and head; an all-zero Gram is an error.
+    A numerically rank-deficient Gram (smallest eigenvalue <= ``RANK_TOLERANCE`` x largest) gets a ridge of
+    ``RANK_TOLERANCE`` x largest eigenvalue, with a warning naming the layer and head; an all-zero Gram is an
+    error.
     """
     gram = gram.to(torch.float64)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if info == 0:
-        return chol.mT
-    scale = torch.diagonal(gram).mean().item()
-    if not scale > 0:
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    largest = eigenvalues[-1].item()
+    if not largest > 0:
         raise ValueError(f"layer {layer_idx} KV head {head}: {name} is zero (no calibration signal)")
-    eye = torch.eye(gram.shape[-1], dtype=torch.float64)
-    for rel in _RIDGES:
-        chol, info = torch.linalg.cholesky_ex(gram + rel * scale * eye)
-        if info == 0:
-            warnings.warn(
-                f"layer {layer_idx} KV head {head}: {name} is not positive definite; "
-                f"added a relative ridge of {rel:g} (x mean diagonal)",
-                stacklevel=3,
-            )
-            return chol.mT
-    raise ValueError(f"layer {layer_idx} KV head {head}: {name} is not positive definite even with a ridge")
+    if eigenvalues[0].item() <= RANK_TOLERANCE * largest:
+        ridge = RANK_TOLERANCE * largest
+        warnings.warn(
+            f"layer {layer_idx} KV head {head}: {name} is not positive definite (smallest/largest eigenvalue "
+            f"{eigenvalues[0].item() / largest:.1e} <= {RANK_TOLERANCE:g}); added a ridge of {RANK_TOLERANCE:g} x "
+            "its largest eigenvalue",
+            stacklevel=3,
+        )
+        gram = gram + ridge * torch.eye(gram.shape[-1], dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if info != 0:
+        raise ValueError(f"layer {layer_idx} KV head {head}: {name} is not positive definite even with a ridge")
+    return chol.mT
 
 
 def fit_from_grams(
