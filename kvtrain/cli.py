@@ -26,9 +26,9 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from kvtrain.cache import CompressedCache
     from kvtrain.eval.loyalty import full_cache_bytes_per_token
     from kvtrain.models import load_model
+    from kvtrain.runtime.cache import CompressedCache
 
     config = compression_config(args)
     model, tokenizer = load_model(args.model)

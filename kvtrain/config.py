@@ -16,8 +16,12 @@ from typing import Any, Union
 
 import yaml
 
+from kvtrain.io import atomic_write_text
+from kvtrain.policies import SCORERS
+from kvtrain.policies.budgets import layer_budgets
+from kvtrain.policies.select import SELECTION_MODES
+
 SCHEMA_VERSION = 1
-SELECTION_MODES = ("per_head", "per_layer", "head_adaptive")
 
 
 class ConfigError(ValueError):
@@ -65,7 +69,7 @@ class LowRankConfig:
 
 @dataclass
 class SalsConfig:
-    """SALS (methods.md §4): keys held as rank-`rank` latents of the joint pre-RoPE key (all KV heads of a
+    """SALS (docs/methods.md#sals): keys held as rank-`rank` latents of the joint pre-RoPE key (all KV heads of a
     layer), and at each decode step only the selected tokens are reconstructed, rotated and attended.
 
     Selected = `sinks` first + `recent` last stored tokens + the best other tokens by the `selector`'s score:
@@ -233,8 +237,6 @@ class KVCompressionConfig:
             unknown = set(override) - set(_OVERRIDABLE)
             if unknown:
                 fail(f"layers.{idx}", sorted(unknown), f"per-layer overrides may only set {_OVERRIDABLE}")
-        from kvtrain.policies import SCORERS
-
         for where, scorer in [("scorer", self.scorer)] + [
             (f"layers.{i}.scorer", o["scorer"]) for i, o in self.layers.items() if "scorer" in o
         ]:
@@ -285,8 +287,6 @@ class KVCompressionConfig:
             return None
         values = {name: getattr(self, name) for name in _OVERRIDABLE}
         if self.budget is not None:
-            from kvtrain.policies.budgets import layer_budgets
-
             values["budget"] = layer_budgets(self.layer_budgets, num_layers, self.budget)[layer_idx]
         values.update(self.layers.get(layer_idx, {}))
         scorer = values["scorer"]
@@ -382,8 +382,6 @@ class KVCompressionConfig:
 
     def save(self, path: str | Path) -> None:
         """Write JSON or YAML (by suffix) atomically."""
-        from kvtrain.io import atomic_write_text
-
         path = Path(path)
         data = self.to_dict()
         text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)

@@ -1,11 +1,13 @@
-"""Atomic file writes (a reader never sees a half-written file, and a killed writer leaves the old one), and
-reading back the tagged safetensors files kvtrain writes as artifacts."""
+"""Atomic writes of files and folders: a reader never sees a half-written one, and a killed writer leaves the
+old one in place."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -28,21 +30,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_tagged_safetensors(path: str | Path, kind: str, schema_version: int) -> tuple[dict[str, str], dict]:
-    """(metadata, tensors) of a safetensors artifact whose metadata says `kind` and `schema_version`.
+def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh temporary sibling folder with ``write(folder)``, then move it to ``target``.
 
-    Every error names the file: unreadable or damaged, another kind of artifact, another schema version.
+    ``target`` either keeps its previous content or gets the complete new content, never a mix: if
+    ``write`` raises, the temporary folder is removed and ``target`` is untouched.
     """
-    from safetensors import safe_open
-
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if metadata.get("kind") != kind:
-        raise ValueError(f"{path}: metadata kind={metadata.get('kind')!r}, expected {kind!r}")
-    if metadata.get("schema_version") != str(schema_version):
-        raise ValueError(f"{path}: schema_version={metadata.get('schema_version')!r}, expected {schema_version}")
-    return metadata, tensors
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any other folder
+        write(tmp)
+        # os.replace cannot overwrite a non-empty folder: move the old one aside (a rename, so readers
+        # never see it half deleted), then delete it.
+        old = tmp.with_name(tmp.name + ".old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

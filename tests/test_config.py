@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kvtrain.arguments import KVCompressionArguments
-from kvtrain.cache import CompressedCache
 from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig, ScheduleConfig, ScorerConfig
-from kvtrain.generation import teacher_forced_decode
 from kvtrain.models import tiny_model
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.decode import teacher_forced_decode
 
 
 def rich_config() -> KVCompressionConfig:

@@ -5,17 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtrain.attention import observe_attention
-from kvtrain.cache import CompressedCache
-from kvtrain.config import ConfigError, KVCompressionConfig, LowRankConfig, MergeConfig, QuantConfig, ScheduleConfig, ScorerConfig
-from kvtrain.generation import teacher_forced_decode
-from kvtrain.calibrate.artifacts import projections_for, write_projections
-from kvtrain.calibrate.fit import Projections
+from kvtrain.artifacts.projections import Projections, write_projections
+from kvtrain.config import (
+    ConfigError,
+    KVCompressionConfig,
+    LowRankConfig,
+    MergeConfig,
+    QuantConfig,
+    ScheduleConfig,
+    ScorerConfig,
+)
 from kvtrain.lowrank.gram import GramAccumulator, ValueGramAccumulator
 from kvtrain.lowrank.kqsvd import fit_kqsvd, fit_value_projection
 from kvtrain.models import model_fingerprint, tiny_model
 from kvtrain.quant.tada import bytes_per_token
-from kvtrain.replay import replay_compression
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.compressor import projections_for
+from kvtrain.runtime.decode import teacher_forced_decode
+from kvtrain.runtime.replay import replay_compression
+from kvtrain.runtime.routing import observe_attention
 
 SEQ, PREFILL, VOCAB = 60, 36, 97
 HEAD_DIM, KV_HEADS = 16, 2
@@ -156,8 +164,9 @@ def test_impossible_combinations_are_refused(fields, field):
 
 @pytest.mark.parametrize("straight_through", [False, True])
 def test_take_decodes_only_the_asked_tokens_as_the_full_view_would(straight_through):
-    from kvtrain.lowrank.kqsvd import LowRankPair
-    from kvtrain.storage import ChainCodec, LowRankCodec, TadaCodec, TokenStore
+    from kvtrain.artifacts.projections import LowRankPair
+    from kvtrain.runtime.codecs import ChainCodec, LowRankCodec, TadaCodec
+    from kvtrain.runtime.storage import TokenStore
 
     g = torch.Generator().manual_seed(0)
     pair = LowRankPair(torch.randn(2, 8, 4, generator=g), torch.randn(2, 8, 4, generator=g), torch.ones(2, 4))

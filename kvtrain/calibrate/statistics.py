@@ -5,7 +5,7 @@ Per layer (all float64 sums, so a checkpoint/resume reproduces an uninterrupted 
 * ``values``: value Gram (for the value side of KQ-SVD);
 * ``query_sum`` ``[h_q, d]`` / ``query_outer`` ``[h_q, d, d]`` / ``query_count``: first and second moments of
   the **pre-RoPE** queries per query head (RoPE undone exactly with each token's position), skipping the first
-  ``n_sink`` positions of each block as Expected Attention does (methods.md §5);
+  ``n_sink`` positions of each block as Expected Attention does (docs/methods.md#expected-attention);
 * head behaviour (see `kvtrain.calibrate.head_budgets` for what the numbers mean): per query head the summed
   copy mass over copy events and the summed normalised attention entropy of every ``entropy_stride``-th query
   (only those rows of the attention matrix and the copy-event rows are computed);
@@ -18,53 +18,16 @@ terms in the same order however the run is split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from kvtrain.lowrank import GramAccumulator, ValueGramAccumulator
-from kvtrain.lowrank.gram import JointKeyGramAccumulator
-from kvtrain.lowrank.sals import RopeFn, unrotate
-from kvtrain.models import head_dim
-from kvtrain.policies.expected_attention import unrotate_queries
-from kvtrain.rope import rope_theta
+from kvtrain.lowrank import GramAccumulator, JointKeyGramAccumulator, ValueGramAccumulator
+from kvtrain.models.rope import RopeFn, model_rope, unrotate, unrotate_queries
+from kvtrain.models.shape import ModelShape
+from kvtrain.runtime.routing import observe_attention
 
 GROUPS = ("grams", "query_stats", "head_behaviour", "sals_grams")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @classmethod
-    def of(cls, model) -> ModelShape:
-        config = model.config
-        return cls(
-            num_layers=int(config.num_hidden_layers),
-            num_heads=int(config.num_attention_heads),
-            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
-            head_dim=int(head_dim(config)),
-            rope_theta=rope_theta(config),
-        )
-
-
-def check_default_rope(config) -> None:
-    """Pre-RoPE statistics un-rotate with the default RoPE frequencies; scaled RoPE variants are refused."""
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(
-            f"query statistics need the default RoPE (rope_parameters.rope_type='default'), got {rope_type!r}"
-        )
 
 
 def copy_sources(ids: Tensor) -> Tensor:
@@ -260,12 +223,6 @@ def collect_statistics(
     progress: bool = False,
 ) -> StatisticsCollector:
     """One in-memory pass over ``blocks`` ``[n, S]`` (no checkpoints): e.g. Grams for an ad-hoc fit."""
-    from tqdm.auto import tqdm
-
-    from kvtrain.attention import observe_attention
-
-    from kvtrain.lowrank.sals import model_rope
-
     rope = model_rope(model) if "sals_grams" in groups else None
     collector = StatisticsCollector(ModelShape.of(model), groups, n_sink, entropy_stride, rope)
     with observe_attention(model, collector.observe):

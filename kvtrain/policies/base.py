@@ -1,8 +1,8 @@
 """The policy contract: a scorer turns one compression event's tensors into per-key scores.
 
-Every eviction policy is a small dataclass registered by name. The cache (inference), replay (training)
-and evaluation all call the same scorer through `kvtrain.compress.compress_event`, so a policy is written
-once. A scorer never touches a cache object, a module or a hook: it reads `ScoreInputs`, returns scores,
+Every eviction policy is a small dataclass registered by name. The cache (inference), replay (training) and
+evaluation all call the same scorer through `kvtrain.runtime.compressor.LayerCompressor`, so a policy is
+written once. A scorer never touches a cache object, a module or a hook: it reads `ScoreInputs`, returns scores,
 and returns whatever per-token history it wants carried to the next event.
 """
 

@@ -19,35 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvtrain.artifacts.query_stats import QueryStats, load_query_stats
+from kvtrain.models.rope import rope_inv_freq, rotate_half, unrotate_queries
 from kvtrain.policies.base import ScoreInputs, Scorer, register_scorer
-from kvtrain.policies.query_stats import QueryStats, load_query_stats
 
 ONLINE = "online"
-
-
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
-    """Default RoPE inverse frequencies ``[head_dim // 2]`` (float32, computed as transformers does)."""
-    if head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} must be even for RoPE")
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """``[x1, x2] -> [-x2, x1]`` on the last dim: the 90-degree rotation of the HF RoPE convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def unrotate_queries(queries: Tensor, rope_positions: Tensor, theta: float) -> Tensor:
-    """Undo RoPE: post-RoPE ``queries`` ``[b, h, w, d]`` at RoPE positions ``[b, w]`` -> pre-RoPE ``[b, h, w, d]``.
-
-    RoPE is a rotation, so rotating by the opposite angle recovers the pre-RoPE query exactly.
-    """
-    d = queries.shape[-1]
-    angles = rope_positions.float()[..., None] * rope_inv_freq(d, theta, queries.device)  # [b, w, d/2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [b, 1, w, d]
-    q = queries.float()
-    return q * angles.cos() - rotate_half(q) * angles.sin()
 
 
 def rope_average_matrix(start: Tensor, n_positions: int, head_dim: int, theta: float) -> Tensor:
@@ -98,7 +74,7 @@ class ExpectedAttentionScorer(Scorer):
     """Expected attention of future queries (see the module docstring), per KV head.
 
     ``stats="online"`` estimates the query statistics from the observation window at every event; any other
-    value is the path of a `kvtrain.policies.query_stats` file holding per-layer statistics.
+    value is the path of a `kvtrain.artifacts.query_stats` file holding per-layer statistics.
     """
 
     name = "expected_attention"

@@ -7,8 +7,9 @@ import contextlib
 import torch
 from torch import Tensor
 
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.compressor import LayerPairs
 
 
 def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
@@ -37,14 +38,16 @@ def generate_continuations(
     seed: int,
     pad_token_id: int,
     eos_token_id: int | None,
+    projections: LayerPairs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample `total_len - P` tokens after `prompts` [b, P] under a `CompressedCache`.
 
     `model` is what `generate` is called on (a PeftModel or the causal LM), `base_model` the causal LM
     the cache hooks into. Returns (input_ids, attention_mask), both [b, total_len]; tokens after a row's
     first EOS are padding (mask 0). The model runs in eval mode (no LoRA dropout) while generating.
+    `projections`: the low-rank pairs being trained, in place of the config's file.
     """
-    cache = CompressedCache.for_model(base_model, kv_config)
+    cache = CompressedCache.for_model(base_model, kv_config, projections=projections)
     was_training = model.training
     model.eval()
     try:

@@ -1,4 +1,6 @@
-"""The distillation pipeline behind `train/distill.py`: parse -> build -> train -> save.
+"""The distillation pipeline behind `train/distill.py`: `main` = `build` (parse and check the arguments, load
+the student and its teacher, cut the data, make the trainer) -> `train` (loyalty before, the loop, loyalty
+after) -> `save` (weights, `kv_compression/` bundle, metadata). Sharding rules live in `check_sharding`.
 
 Launch: `accelerate launch --config_file configs/accelerate/<cfg>.yaml train/distill.py --config
 recipes/<model>/distill/<name>.yaml [--field value ...]`.
@@ -11,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,12 +23,13 @@ from transformers import TrainerCallback, TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from kvtrain.arguments import KVCompressionArguments
-from kvtrain.attention import use_kvtrain_attention
+from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.models import load_model, model_fingerprint
+from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training import checkpoints
-from kvtrain.training.artifacts import write_artifacts
 from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.output import write_artifacts
 from kvtrain.training.projections import TrainableProjections
 from kvtrain.training.recipe import load_recipe
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
@@ -142,9 +146,17 @@ def init_cpu_distributed() -> None:
     PartialState(cpu=not deepspeed, backend="gloo")
 
 
-def check_projection_training(trainer: CompressionDistillationTrainer, distill_args: DistillationArguments) -> None:
-    """Refuse the set-ups in which trained projections would not be trained as asked."""
-    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+def is_zero3(trainer: CompressionDistillationTrainer) -> bool:
+    return trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def check_sharding(trainer: CompressionDistillationTrainer, distill_args: DistillationArguments) -> None:
+    """Every set-up that sharded training (DeepSpeed ZeRO-3, FSDP) cannot do as asked, refused in one place."""
+    if is_zero3(trainer) and distill_args.merge_adapter:
+        raise ValueError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
+    if not distill_args.train_projections:
+        return
+    if is_zero3(trainer):
         raise ValueError(
             "train_projections is not supported under DeepSpeed ZeRO-3: a partitioned parameter is gathered only "
             "inside its own module's forward, and the replay reads the projections from the attention layers; "
@@ -172,9 +184,24 @@ def _dtype(name: str | None) -> torch.dtype:
     return value
 
 
-def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | None = None) -> Path:
-    """Run one distillation; returns the output folder (weights + kv_compression/ + kvtrain_training.json)."""
-    init_cpu_distributed()
+@dataclass
+class Run:
+    """One distillation, built and ready to train: its arguments, the trainer and what the output records."""
+
+    distill_args: DistillationArguments
+    kv_args: KVCompressionArguments
+    training_args: TrainingArguments
+    model_args: ModelConfig
+    kv_config: KVCompressionConfig
+    trainer: CompressionDistillationTrainer
+    tokenizer: object
+    fingerprint: dict
+    resume: str | None
+    projections: TrainableProjections | None
+
+
+def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Run:
+    """Parse and check the arguments, load the student and its teacher, cut the data, make the trainer."""
     distill_args, kv_args, training_args, model_args = parse_args(argv)
     kv_config = kv_args.to_config()
     if distill_args.train_projections:
@@ -223,52 +250,69 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
         loyalty_blocks=loyalty_blocks,
         projections=projections,
     )
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if zero3 and distill_args.merge_adapter:
-        raise ValueError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
-    if projections is not None:
-        check_projection_training(trainer, distill_args)
+    check_sharding(trainer, distill_args)
+    return Run(distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint, resume,
+               projections)
 
-    if zero3:
-        trainer.add_callback(LoyaltyAtTrainBegin(trainer, resume))
+
+def train(run: Run):
+    """Loyalty before, the training loop (resumed if asked), loyalty after; returns the Trainer's result.
+
+    Under ZeRO-3 the untrained model can only be measured once the DeepSpeed engine exists (`LoyaltyAtTrainBegin`).
+    """
+    trainer = run.trainer
+    if is_zero3(trainer):
+        trainer.add_callback(LoyaltyAtTrainBegin(trainer, run.resume))
     else:
         trainer.log_loyalty("before")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=run.resume)
     trainer.log_loyalty("after")
+    return result
 
-    output_dir = Path(training_args.output_dir)
+
+def save(run: Run, result) -> Path:
+    """The weights (adapter, merged or full), the tokenizer, the `kv_compression/` bundle and the metadata."""
+    trainer, model_args, distill_args = run.trainer, run.model_args, run.distill_args
+    output_dir = Path(run.training_args.output_dir)
     merged = model_args.use_peft and distill_args.merge_adapter
     if merged:
         if trainer.accelerator.is_main_process:
             causal = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             causal.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
+            run.tokenizer.save_pretrained(output_dir)
         trainer.accelerator.wait_for_everyone()
     else:
         trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:
         write_artifacts(
             output_dir,
-            kv_config,
+            run.kv_config,
             {
                 "format": "adapter" if model_args.use_peft and not merged else "full",
                 "base_model": model_args.model_name_or_path,
-                "model_fingerprint": fingerprint,
+                "model_fingerprint": run.fingerprint,
                 "arguments": {
                     "distillation": dataclasses.asdict(distill_args),
-                    "compression": dataclasses.asdict(kv_args),
+                    "compression": dataclasses.asdict(run.kv_args),
                     "model": dataclasses.asdict(model_args),
-                    "training": training_args.to_dict(),
+                    "training": run.training_args.to_dict(),
                 },
-                "resumed_from": resume,
-                "projections": projections.metadata() if projections is not None else {"trained": False},
+                "resumed_from": run.resume,
+                "projections": run.projections.metadata() if run.projections is not None else {"trained": False},
                 "metrics": {
                     "train": result.metrics,
                     "loyalty": trainer.loyalty,
                     "log_history": trainer.state.log_history,
                 },
             },
-            projections=projections,
+            projections=run.projections,
         )
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Run one distillation; returns the output folder (weights + kv_compression/ + kvtrain_training.json)."""
+    init_cpu_distributed()
+    run = build(argv, callbacks)
+    return save(run, train(run))

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,9 +32,10 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from kvtrain.config import KVCompressionConfig
 from kvtrain.eval.loyalty import evaluate_loyalty
-from kvtrain.generation import position_ids_from_mask
 from kvtrain.io import atomic_write_text
-from kvtrain.replay import Replay, replay_compression, replay_disabled
+from kvtrain.runtime.compressor import LayerPairs
+from kvtrain.runtime.decode import position_ids_from_mask
+from kvtrain.runtime.replay import Replay, replay_compression, replay_disabled
 from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.losses import distillation_loss
@@ -99,17 +99,18 @@ class CompressionDistillationTrainer(Trainer):
         base = causal_lm(self.accelerator.unwrap_model(model))
         on_policy = self._is_on_policy_step()
         if on_policy:
-            with replay_disabled(base), self._cache_config() as kv_config:
+            with replay_disabled(base):
                 ids, mask = generate_continuations(
                     self.accelerator.unwrap_model(model),
                     base,
-                    kv_config,
+                    self.kv_config,
                     ids[:, :prefill],
                     ids.shape[1],
                     temperature=self.distill_args.on_policy_temperature,
                     seed=self.args.seed + 7919 * self.state.global_step + self.accelerator.process_index,
                     pad_token_id=_pad_id(base, self.processing_class),
                     eos_token_id=base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else None,
+                    projections=self._current_pairs(),
                 )
         positions = position_ids_from_mask(mask)
         # Logit at position i predicts token i + 1: supervise continuation tokens (i + 1 >= prefill) that are real.
@@ -145,18 +146,10 @@ class CompressionDistillationTrainer(Trainer):
         pairs = self.projections.layer_pairs() if self.projections is not None else None
         return replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len, projections=pairs)
 
-    @contextlib.contextmanager
-    def _cache_config(self):
-        """The compression config for what reads projections from a file (`CompressedCache`, loyalty): with
-        trained projections, a copy naming a snapshot of their current values."""
-        if self.projections is None:
-            yield self.kv_config
-            return
-        with tempfile.TemporaryDirectory(prefix="kvtrain-projections-") as folder:
-            path = Path(folder) / "projections.safetensors"
-            self.projections.save(path)
-            lowrank = dataclasses.replace(self.kv_config.lowrank, projections=str(path))
-            yield dataclasses.replace(self.kv_config, lowrank=lowrank)
+    def _current_pairs(self) -> LayerPairs | None:
+        """The projections being learned, for what runs the compressed cache outside the replay (sampling,
+        loyalty): the cache computes with these tensors, no file in between."""
+        return self.projections.layer_pairs() if self.projections is not None else None
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -209,16 +202,16 @@ class CompressionDistillationTrainer(Trainer):
                     return hidden @ head.T
 
         try:
-            with self._cache_config() as kv_config:
-                result = evaluate_loyalty(
-                    causal_lm(model),
-                    [kv_config],
-                    self.loyalty_blocks.to(self.args.device),
-                    context_len=self.distill_args.prefill_len,
-                    reference=teacher_logits,
-                    method="replay",
-                    progress=False,
-                )[0].to_dict()
+            result = evaluate_loyalty(
+                causal_lm(model),
+                [self.kv_config],
+                self.loyalty_blocks.to(self.args.device),
+                context_len=self.distill_args.prefill_len,
+                reference=teacher_logits,
+                method="replay",
+                progress=False,
+                projections=self._current_pairs(),
+            )[0].to_dict()
         finally:
             model.train(was_training)
         self._record_loyalty(tag, result)

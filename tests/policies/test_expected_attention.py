@@ -12,14 +12,11 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from kvtrain.artifacts.query_stats import load_query_stats, save_query_stats
+from kvtrain.models.rope import unrotate_queries
 from kvtrain.policies import build_scorer
 from kvtrain.policies.base import ScoreInputs
-from kvtrain.policies.expected_attention import (
-    gaussian_log_mgf,
-    rope_average_matrix,
-    unrotate_queries,
-)
-from kvtrain.policies.query_stats import load_query_stats, save_query_stats
+from kvtrain.policies.expected_attention import gaussian_log_mgf, rope_average_matrix
 
 from . import make_inputs
 

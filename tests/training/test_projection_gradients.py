@@ -8,14 +8,13 @@ import types
 import pytest
 import torch
 
-from kvtrain.calibrate.artifacts import write_projections
-from kvtrain.calibrate.fit import Projections
-from kvtrain.compress import build_compressors
+from kvtrain.artifacts.projections import Projections, write_projections
 from kvtrain.config import KVCompressionConfig
 from kvtrain.lowrank import LowRankPair
 from kvtrain.models import model_fingerprint, tiny_model
-from kvtrain.replay import Replay, replay_compression
-from kvtrain.rope import rope_theta
+from kvtrain.models.rope import rope_theta
+from kvtrain.runtime.compressor import build_compressors
+from kvtrain.runtime.replay import Replay, replay_compression
 from kvtrain.training.projections import TrainableProjections
 
 H_Q, H_KV, D, RANK = 4, 2, 8, 3

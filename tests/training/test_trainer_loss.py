@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
-from kvtrain.attention import use_kvtrain_attention
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
-from kvtrain.generation import teacher_forced_decode
 from kvtrain.models import tiny_model, tiny_tokenizer
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.decode import teacher_forced_decode
+from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.run import BlockDataset
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher

@@ -6,7 +6,7 @@ chunked by ``schedule.prefill_chunk``) or its own decode step (``s = t``). It at
   in a prefill chunk, the selected ones (sinks + recent + top-k by the layer's score) in a decode step;
 * its own forward's tokens ``s <= j <= t`` with their exact keys.
 Values of tokens before the last event at or before ``s`` are the codec's round trip (what the cache holds
-archived from that event on), the others exact: the same schedule as `replay.event_points`.
+archived from that event on), the others exact: the same schedule as `kvtrain.runtime.schedule.event_points`.
 
 Decode rows choose different token sets, so this builds an ``S x S`` visibility per batch row (shared by the
 layer's heads) and attends densely, in PyTorch on every device (no keep-set kernel). Gradients flow through
@@ -19,27 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvtrain.attention import key_validity
-from kvtrain.compress import LayerCompressor
 from kvtrain.lowrank.sals import reconstruct_keys
-from kvtrain.replay import event_points, prefill_chunks
-from kvtrain.sals_runtime import SalsRuntime, head_summed_scores, recency_scores
-
-
-def forward_starts(seq_len: int, prefill_len: int, prefill_chunk: int | None, device) -> Tensor:
-    """``[S]``: the first row of the forward each row belongs to in the cache (chunk start, or itself)."""
-    starts = torch.arange(seq_len, device=device)
-    for start, end in prefill_chunks(prefill_len, prefill_chunk) if prefill_len else []:
-        starts[start:end] = start
-    return starts
-
-
-def archived_before(starts: Tensor, points: list[int]) -> Tensor:
-    """``[S]``: per row, the tokens seen at the last event that precedes its forward (0 if none)."""
-    last = torch.zeros_like(starts)
-    for p in points:
-        last = torch.where(starts >= p, torch.full_like(starts, p), last)
-    return last
+from kvtrain.runtime.attention import key_validity
+from kvtrain.runtime.compressor import LayerCompressor
+from kvtrain.runtime.sals.runtime import SalsRuntime, head_summed_scores, recency_scores
+from kvtrain.runtime.schedule import archived_before, event_points, forward_starts
 
 
 def sals_replay_attention(

@@ -1,94 +1,54 @@
 """`CompressedCache`: a transformers 5.x `Cache` whose layers compress their keys and values.
 
-The rules it follows (see docs/platform.md §2): `update` returns every stored key plus the new ones for
-the current forward, so the current queries see everything; compression happens *after* that forward's
-attention (the registered ``kvtrain`` attention function calls back into the layer), on the stored set
+The rules it follows (docs/architecture.md#the-cache-and-transformers): `update` returns every stored key plus the
+new ones for the current forward, so the current queries see everything; compression happens *after* that
+forward's attention (the registered ``kvtrain`` attention function calls back into the layer), on the stored set
 only. `get_seq_length` counts tokens seen (RoPE positions and `generate`'s prompt slicing depend on it);
-`get_mask_sizes` describes exactly the keys `update` returns. Positions stay absolute: keys are stored
-post-RoPE and never re-rotated.
+`get_mask_sizes` describes exactly the keys `update` returns. Positions stay absolute: keys are stored post-RoPE
+and never re-rotated.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from kvtrain.attention import attend_with_stored, key_validity, use_kvtrain_attention
-from kvtrain.compress import EventRecord, LayerCodecs, LayerCompressor, StoredKV, build_compressors
 from kvtrain.config import KVCompressionConfig
-from kvtrain.models import check_supported
-from kvtrain.rope import rope_theta
+from kvtrain.models.rope import model_rope, rope_theta
+from kvtrain.models.shape import check_supported
+from kvtrain.runtime.attention import attend_with_stored, key_validity
+from kvtrain.runtime.compressor import (
+    EventRecord,
+    LayerCodecs,
+    LayerCompressor,
+    LayerPairs,
+    StoredKV,
+    build_compressors,
+)
+from kvtrain.runtime.layer import AttendingLayer
+from kvtrain.runtime.routing import attention_modules, use_kvtrain_attention
+from kvtrain.runtime.sals.layer import SalsLayer
+from kvtrain.runtime.sals.runtime import SalsRuntime
+from kvtrain.runtime.schedule import EventClock
 
 logger = logging.getLogger("kvtrain")
-
-# The layer whose `update` ran last and whose attention is still due; the attention function picks it up.
-_AWAITING_ATTENTION: contextvars.ContextVar["CompressedLayer | None"] = contextvars.ContextVar(
-    "kvtrain_awaiting_attention", default=None
-)
-
-
-def layer_awaiting_attention(layer_idx: int) -> "CompressedLayer | None":
-    layer = _AWAITING_ATTENTION.get()
-    if layer is not None and layer.layer_idx == layer_idx and layer._pending is not None:
-        return layer
-    return None
-
-
-class AttendingLayer(CacheLayerMixin):
-    """A cache layer whose attention the registered ``kvtrain`` attention function runs (`attend`) between
-    `update` and storing: subclasses say what `update` hands back (`_visible`) and implement `attend`."""
-
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if self._pending is not None:
-            raise RuntimeError(
-                "CompressedCache layer was updated twice without an attention call in between: the model must "
-                "use attn_implementation='kvtrain' (call kvtrain.attention.use_kvtrain_attention(model) or build "
-                "the cache with CompressedCache.for_model)"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._pending = (key_states, value_states)
-        _AWAITING_ATTENTION.set(self)
-        return self._visible(key_states, value_states)
-
-    def _visible(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._reset_state()
-        self.records = []
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported with CompressedCache")
 
 
 class CompressedLayer(AttendingLayer):
     """One layer's compressed KV store (a dense layer when `compressor` is None)."""
 
     def __init__(
-        self, layer_idx: int, compressor: LayerCompressor | None, rope_theta: float, record: bool, notices: "Notices"
+        self, layer_idx: int, module: torch.nn.Module, compressor: LayerCompressor | None, rope_theta: float,
+        record: bool, notices: "Notices",
     ):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(layer_idx, module)
         self.notices = notices
         self.compressor = compressor
         self.rope_theta = rope_theta
         self.record = record
-        self.records: list[EventRecord] = []
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -96,7 +56,7 @@ class CompressedLayer(AttendingLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.seen = 0
-        self.decode_steps = 0
+        self.clock = EventClock(self.compressor.policy.schedule) if self.compressor is not None else None
         self.last_event_position = -1
         self.queries: Tensor | None = None  # rolling window of the last post-RoPE queries [b, h_q, w, d]
         self.rope_offset: Tensor | None = None  # left-pad count per row
@@ -133,7 +93,7 @@ class CompressedLayer(AttendingLayer):
     ) -> Tensor:
         """Attention of this forward's queries over stored + new keys, then store and maybe compress.
 
-        `position_ids` is part of the layer interface (SALS layers un-rotate with it); post-RoPE keys need none.
+        Post-RoPE keys need no `position_ids` (SALS layers un-rotate with them).
         """
         new_keys, new_values = self._pending
         new_valid = key_validity(attention_mask, new_keys.shape[2], batch=query.shape[0], device=query.device)
@@ -165,13 +125,7 @@ class CompressedLayer(AttendingLayer):
         window = self.compressor.policy.query_window
         queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
         self.queries = queries[:, :, -window:].detach()
-        if q_len > 1:  # a prefill chunk
-            self.decode_steps = 0
-            due = self.compressor.policy.schedule.compress_prefill
-        else:
-            self.decode_steps += 1
-            due = self.decode_steps % self.compressor.policy.schedule.interval == 0
-        if due:
+        if self.clock.tick(q_len):
             n_window = self.queries.shape[2]
             positions = torch.arange(self.seen - n_window, self.seen, device=query.device)
             self.stored, record = self.compressor(
@@ -219,33 +173,34 @@ class CompressedCache(Cache):
 
     Use `CompressedCache.for_model(model, config)`, which also switches the model to the ``kvtrain``
     attention function, and pass it to `model.generate(past_key_values=cache)` or to forward calls.
+    `projections` (per layer key and value `LowRankPair`s) replaces the pairs of `config.lowrank.projections`:
+    training passes the projections it learns, with no file in between.
     """
 
-    def __init__(self, config: KVCompressionConfig, model_config, *, record: bool = False, rope=None):
+    def __init__(self, config: KVCompressionConfig, model_config, *, record: bool = False, model=None,
+                 projections: LayerPairs | None = None):
+        if model is None:
+            raise ValueError("build the cache with CompressedCache.for_model(model, config): its layers attend "
+                             "through the model's attention modules")
         self.compression_config = config
-        compressors = build_compressors(config, model_config)
+        compressors = build_compressors(config, model_config, projections=projections)
         theta = rope_theta(model_config)
         compressed = [i for i, c in enumerate(compressors) if c is not None]
         notices = Notices(compressed[0] if compressed else None)
-        layers = [CompressedLayer(i, c, theta, record, notices) for i, c in enumerate(compressors)]
-        if config.sals is not None:  # `rope`: the model's RoPE (`kvtrain.lowrank.sals.model_rope`)
-            from kvtrain.sals_cache import SalsLayer
-            from kvtrain.sals_runtime import SalsRuntime
-
-            runtime = SalsRuntime.build(config, model_config, rope)
-            layers = [SalsLayer(i, c, runtime, record) if c is not None else layer
+        modules = _modules_by_layer(model)
+        layers = [CompressedLayer(i, modules[i], c, theta, record, notices) for i, c in enumerate(compressors)]
+        if config.sals is not None:
+            runtime = SalsRuntime.build(config, model_config, model_rope(model))
+            layers = [SalsLayer(i, modules[i], c, runtime, record) if c is not None else layer
                       for i, (c, layer) in enumerate(zip(compressors, layers))]
         super().__init__(layers=layers)
 
     @classmethod
-    def for_model(cls, model, config: KVCompressionConfig, *, record: bool = False) -> "CompressedCache":
+    def for_model(cls, model, config: KVCompressionConfig, *, record: bool = False,
+                  projections: LayerPairs | None = None) -> "CompressedCache":
         check_supported(model.config)
         use_kvtrain_attention(model)
-        if config.sals is not None:
-            from kvtrain.lowrank.sals import model_rope
-
-            return cls(config, model.config, record=record, rope=model_rope(model))
-        return cls(config, model.config, record=record)
+        return cls(config, model.config, record=record, model=model, projections=projections)
 
     @property
     def records(self) -> list[list[EventRecord]]:
@@ -259,3 +214,12 @@ class CompressedCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by the stored keys and values (the cache itself, not policy bookkeeping)."""
         return sum(layer.stored.nbytes for layer in self.layers if layer.stored is not None)
+
+
+def _modules_by_layer(model) -> dict[int, torch.nn.Module]:
+    modules = {}
+    for module in attention_modules(model):
+        if module.layer_idx in modules:
+            raise ValueError(f"{type(model).__name__}: two attention modules claim layer_idx={module.layer_idx}")
+        modules[module.layer_idx] = module
+    return modules

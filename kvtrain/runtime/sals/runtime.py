@@ -1,4 +1,4 @@
-"""What the SALS cache layer (`kvtrain.sals_cache`) and SALS replay (`kvtrain.sals_replay`) share: the
+"""What the SALS cache layer (`kvtrain.runtime.sals.layer`) and SALS replay (`kvtrain.runtime.sals.replay`) share: the
 calibrated bases, the model's RoPE, latent keys, selection scores and the token selection itself.
 
 Both paths call the same functions on the same tensors in the same dtypes (latent keys in the model's
@@ -12,16 +12,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from kvtrain.artifacts.sals_basis import SalsBasis, read_sals_basis
 from kvtrain.config import KVCompressionConfig, SalsConfig
-from kvtrain.lowrank.sals import (
-    RopeFn,
-    SalsBasis,
-    compress_keys,
-    latent_queries,
-    latent_scores,
-    select_tokens,
-    unrotate,
-)
+from kvtrain.lowrank.sals import compress_keys, latent_queries, latent_scores, select_tokens
+from kvtrain.models.rope import RopeFn, unrotate
 
 
 @dataclass
@@ -33,14 +27,8 @@ class SalsRuntime:
     rope: RopeFn
 
     @classmethod
-    def build(cls, config: KVCompressionConfig, model_config, rope: RopeFn | None) -> "SalsRuntime":
-        from kvtrain.calibrate.sals_basis import read_sals_basis
-
-        if rope is None:
-            raise ValueError(
-                "SALS needs the model's rotary embedding: build the cache with CompressedCache.for_model(model, "
-                "config) (or pass rope=kvtrain.lowrank.sals.model_rope(model))"
-            )
+    def build(cls, config: KVCompressionConfig, model_config, rope: RopeFn) -> "SalsRuntime":
+        """`rope`: the model's own rotary embedding (`kvtrain.models.rope.model_rope`)."""
         return cls(config.sals, read_sals_basis(config.sals.basis, model_config, config.sals.rank), rope)
 
     def basis(self, layer_idx: int, like: Tensor) -> SalsBasis:

@@ -9,42 +9,43 @@ are nested: rank r uses the first r). Metadata: kind, schema version, model fing
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import Tensor
 
-from kvtrain.io import atomic_write_bytes, read_tagged_safetensors
-from kvtrain.lowrank.gram import JointKeyGramAccumulator
-from kvtrain.lowrank.sals import SalsBasis, fit_sals_basis
-from kvtrain.models import check_fingerprint, head_dim, model_fingerprint
+from kvtrain.artifacts.format import check_recorded_fingerprint, read_tagged_safetensors, write_tagged_safetensors
+from kvtrain.models.shape import ModelShape
 
 SALS_BASIS = "sals_basis.safetensors"
 SALS_BASIS_KIND = "kvtrain.sals_basis"
 SCHEMA_VERSION = 1
 
 
-def fit_sals_bases(grams: list[JointKeyGramAccumulator]) -> list[SalsBasis]:
-    """Every direction each layer's Gram determines (at most its token count), by descending eigenvalue."""
-    return [fit_sals_basis(g, min(g.num_kv_heads * g.head_dim, g.num_tokens)) for g in grams]
+@dataclass(frozen=True)
+class SalsBasis:
+    """One layer's joint latent basis: ``basis`` ``[h_kv*d, r]`` (orthonormal columns, by descending energy)
+    and the full eigenvalue spectrum of ``C = K^T K`` (``[h_kv*d]``, descending)."""
+
+    basis: Tensor
+    eigenvalues: Tensor
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[-1]
 
 
 def write_sals_basis(path: Path, bases: list[SalsBasis], num_tokens: list[int], fingerprint: dict[str, Any]) -> None:
-    from kvtrain.calibrate.artifacts import canonical_safetensors
-
     tensors: dict[str, Tensor] = {}
     for layer, basis in enumerate(bases):
-        tensors[f"layers.{layer}.U"] = basis.basis.detach().to(torch.float32).cpu().contiguous()
-        tensors[f"layers.{layer}.eigenvalues"] = basis.eigenvalues.detach().to(torch.float32).cpu().contiguous()
-    metadata = {
-        "kind": SALS_BASIS_KIND,
-        "schema_version": str(SCHEMA_VERSION),
-        "fingerprint": json.dumps(fingerprint, sort_keys=True),
-        "num_tokens": json.dumps(num_tokens),
-    }
-    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+        tensors[f"layers.{layer}.U"] = basis.basis
+        tensors[f"layers.{layer}.eigenvalues"] = basis.eigenvalues
+    metadata = {"fingerprint": json.dumps(fingerprint, sort_keys=True), "num_tokens": json.dumps(num_tokens)}
+    write_tagged_safetensors(path, tensors, SALS_BASIS_KIND, SCHEMA_VERSION, metadata)
 
 
 def read_sals_basis(path: str | Path, model_config, rank: int | None = None) -> list[SalsBasis]:
@@ -56,10 +57,9 @@ def read_sals_basis(path: str | Path, model_config, rank: int | None = None) -> 
     """
     path = Path(path)
     metadata, tensors = read_tagged_safetensors(path, SALS_BASIS_KIND, SCHEMA_VERSION)
-    check_fingerprint(json.loads(metadata.get("fingerprint", "{}")), model_fingerprint(model_config), path)
-    num_layers = int(model_config.num_hidden_layers)
-    h_kv = int(getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads)
-    d = int(head_dim(model_config))
+    check_recorded_fingerprint(metadata, model_config, path)
+    shape = ModelShape.of(model_config)
+    num_layers, h_kv, d = shape.num_layers, shape.num_kv_heads, shape.head_dim
     width = h_kv * d
     if rank is not None and not 1 <= rank <= width:
         raise ValueError(f"{path}: SALS rank {rank} must be in [1, h_kv*d={width}] (the joint key width)")

@@ -8,62 +8,45 @@ the earlier event plus the causal keys since it. Keep-sets are index lists (per 
 no S x S mask is ever built. Gradients flow through the kept keys and values, not through selection (nor
 through KeepKV's log votes, which both attention paths treat as constants).
 
-The replay is bound to the model's attention modules, not to the calling thread: gradient checkpointing
-recomputes a layer's forward during backward (on CUDA, in autograd's device thread), and that recomputation
-must attend exactly as the forward did. So keep the block open over forward *and* backward, and run other
-forwards of the same modules (e.g. an adapter-disabled teacher) inside `replay_disabled(model)`. Selection
-is deterministic, so a recomputed layer reproduces its keep-sets.
+The replay is bound to the model's attention modules as their route (`kvtrain.runtime.routing`), not to the
+calling thread: gradient checkpointing recomputes a layer's forward during backward (on CUDA, in autograd's
+device thread), and that recomputation must attend exactly as the forward did. So keep the block open over
+forward *and* backward, and run other forwards of the same modules (e.g. an adapter-disabled teacher) inside
+`replay_disabled(model)`. Selection is deterministic, so a recomputed layer reproduces its keep-sets.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvtrain.attention import attend_with_stored, key_validity, use_kernels, use_kvtrain_attention
-from kvtrain.compress import EventRecord, LayerCodecs, LayerCompressor, LayerPairs, StoredKV, build_compressors
+from kvtrain import kernels
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
-from kvtrain.models import check_supported
-from kvtrain.rope import rope_theta
-
-if TYPE_CHECKING:
-    from kvtrain.sals_runtime import SalsRuntime
-
-# Attribute of an attention module holding the replay bound to it (absent or None: no replay).
-_BOUND_ATTR = "_kvtrain_replay"
-
-
-def bound_replay(module) -> "Replay | None":
-    """The replay bound to this attention module by `replay_compression`, if any."""
-    return getattr(module, _BOUND_ATTR, None)
-
-
-def event_points(schedule: ScheduleConfig, prefill_len: int, seq_len: int) -> list[int]:
-    """Tokens seen at each compression event that precedes a query of a `seq_len`-token sequence.
-
-    Mirrors `CompressedLayer`: an event after each prefill chunk (when `compress_prefill`), then one
-    after every `interval`-th single-token decode step.
-    """
-    points = []
-    if schedule.compress_prefill and prefill_len > 0:
-        points += [end for _, end in prefill_chunks(prefill_len, schedule.prefill_chunk)]
-    points += list(range(prefill_len + schedule.interval, seq_len, schedule.interval))
-    return [p for p in points if p < seq_len]
-
-
-def prefill_chunks(prefill_len: int, chunk: int | None) -> list[tuple[int, int]]:
-    """[start, end) of each prefill forward: one forward, or chunks of `chunk` tokens."""
-    step = chunk or prefill_len
-    return [(start, min(start + step, prefill_len)) for start in range(0, prefill_len, step)]
+from kvtrain.kernels.dispatch import use_kernels
+from kvtrain.models.rope import model_rope, rope_theta
+from kvtrain.models.shape import check_supported
+from kvtrain.runtime.attention import attend_with_stored, key_validity
+from kvtrain.runtime.compressor import (
+    EventRecord,
+    LayerCodecs,
+    LayerCompressor,
+    LayerPairs,
+    StoredKV,
+    build_compressors,
+)
+from kvtrain.runtime.routing import Route, routed, use_kvtrain_attention
+from kvtrain.runtime.sals.replay import sals_replay_attention
+from kvtrain.runtime.sals.runtime import SalsRuntime
+from kvtrain.runtime.schedule import event_points
 
 
 @dataclass
-class Replay:
+class Replay(Route):
     """The state of one replayed forward: per-layer compressors and, when asked, their records."""
 
     compressors: list[LayerCompressor | None]
@@ -76,6 +59,9 @@ class Replay:
 
     def __post_init__(self) -> None:
         self.records = [[] for _ in self.compressors]
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, position_ids) -> Tensor:
+        return self.attend(module.layer_idx, query, key, value, attention_mask, scaling, position_ids)
 
     def attend(
         self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float,
@@ -91,8 +77,6 @@ class Replay:
         if seq_len < self.prefill_len:
             raise ValueError(f"replay got a {seq_len}-token sequence but prefill_len={self.prefill_len}")
         if self.sals is not None and self.compressors[layer_idx] is not None:
-            from kvtrain.sals_replay import sals_replay_attention
-
             return sals_replay_attention(self.sals, layer_idx, self.compressors[layer_idx], self.prefill_len, query,
                                          key, value, attention_mask, scaling, position_ids)
         valid = key_validity(attention_mask, seq_len, batch=b, device=query.device)
@@ -180,15 +164,13 @@ def _keyset_kernel_attention(
     query: Tensor, key: Tensor, value: Tensor, valid: Tensor, keysets: list[KeySet], scaling: float
 ) -> Tensor:
     """All intervals in one `keyset_attention` call, keep-sets padded to the largest with -inf bias slots."""
-    from kvtrain.kernels import keyset_attention
-
     kept = max(ks.keys.shape[2] for ks in keysets)
 
     def padded(x: Tensor, fill: float) -> Tensor:
         extra = kept - x.shape[2]
         return F.pad(x, (0, 0, 0, extra) if x.dim() == 4 else (0, extra), value=fill)
 
-    return keyset_attention(
+    return kernels.keyset_attention(
         query,
         key,
         value,
@@ -220,37 +202,13 @@ def replay_compression(
     compressors = build_compressors(config, model.config, projections=projections)
     replay = Replay(compressors, config.schedule, prefill_len, rope_theta(model.config), record)
     if config.sals is not None:
-        from kvtrain.lowrank.sals import model_rope
-        from kvtrain.sals_runtime import SalsRuntime
-
         replay.sals = SalsRuntime.build(config, model.config, model_rope(model))
-    with _bound(model, replay):
+    with routed(model, replay):
         yield replay
 
 
 @contextlib.contextmanager
 def replay_disabled(model) -> Iterator[None]:
     """Within this block, forwards of `model` use full attention even inside `replay_compression`."""
-    with _bound(model, None):
+    with routed(model, None):
         yield
-
-
-@contextlib.contextmanager
-def _bound(model, replay: Replay | None) -> Iterator[None]:
-    modules = _attention_modules(model)
-    previous = [bound_replay(m) for m in modules]
-    for m in modules:
-        setattr(m, _BOUND_ATTR, replay)
-    try:
-        yield
-    finally:
-        for m, before in zip(modules, previous):
-            setattr(m, _BOUND_ATTR, before)
-
-
-def _attention_modules(model) -> list[torch.nn.Module]:
-    """The modules the attention function is called with: those carrying `layer_idx` and `scaling`."""
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
-    if not modules:
-        raise ValueError(f"{type(model).__name__}: found no attention module (with layer_idx and scaling) to replay")
-    return modules

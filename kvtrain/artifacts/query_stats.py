@@ -1,4 +1,4 @@
-"""Per-layer pre-RoPE query statistics (mean, covariance) for Expected Attention, stored as safetensors."""
+"""``query_stats.safetensors``: per-layer pre-RoPE query statistics (mean, covariance) for Expected Attention."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-SCHEMA_VERSION = "1"
+from kvtrain.artifacts.format import read_tagged_safetensors, write_tagged_safetensors
+
+QUERY_STATS = "query_stats.safetensors"
+SCHEMA_VERSION = 1
 KIND = "kvtrain.query_stats"
 
 
@@ -36,9 +37,8 @@ def _check_shapes(mu: Tensor, sigma: Tensor, where: str) -> None:
 def save_query_stats(path: str | Path, mu: Tensor, sigma: Tensor, fingerprint: dict[str, Any]) -> None:
     """Write ``mu`` ``[L, h_q, d]`` and ``sigma`` ``[L, h_q, d, d]`` with a JSON model fingerprint."""
     _check_shapes(mu, sigma, f"save_query_stats({path})")
-    metadata = {"kind": KIND, "schema_version": SCHEMA_VERSION, "fingerprint": json.dumps(fingerprint, sort_keys=True)}
-    tensors = {"mu": mu.detach().float().cpu().contiguous(), "sigma": sigma.detach().float().cpu().contiguous()}
-    save_file(tensors, str(path), metadata=metadata)
+    metadata = {"fingerprint": json.dumps(fingerprint, sort_keys=True)}
+    write_tagged_safetensors(Path(path), {"mu": mu, "sigma": sigma}, KIND, SCHEMA_VERSION, metadata)
 
 
 def load_query_stats(path: str | Path) -> QueryStats:
@@ -46,18 +46,9 @@ def load_query_stats(path: str | Path) -> QueryStats:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"query statistics file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        names = set(f.keys())
-        if metadata.get("kind") != KIND:
-            raise ValueError(f"{path} is not a query statistics file (metadata kind={metadata.get('kind')!r})")
-        if metadata.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(
-                f"{path}: schema_version {metadata.get('schema_version')!r} is not supported "
-                f"(expected {SCHEMA_VERSION})"
-            )
-        if names != {"mu", "sigma"}:
-            raise ValueError(f"{path}: expected tensors ['mu', 'sigma'], found {sorted(names)}")
-        mu, sigma = f.get_tensor("mu"), f.get_tensor("sigma")
+    metadata, tensors = read_tagged_safetensors(path, KIND, SCHEMA_VERSION)
+    if set(tensors) != {"mu", "sigma"}:
+        raise ValueError(f"{path}: expected tensors ['mu', 'sigma'], found {sorted(tensors)}")
+    mu, sigma = tensors["mu"], tensors["sigma"]
     _check_shapes(mu, sigma, str(path))
     return QueryStats(mu=mu.float(), sigma=sigma.float(), fingerprint=json.loads(metadata["fingerprint"]))

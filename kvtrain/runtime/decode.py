@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvtrain.cache import CompressedCache
-from kvtrain.replay import prefill_chunks
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.schedule import prefill_chunks
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""`SalsLayer`: a `CompressedCache` layer that holds SALS latent keys (methods.md §4).
+"""`SalsLayer`: a `CompressedCache` layer that holds SALS latent keys (docs/methods.md#sals).
 
 Per token the layer holds one latent ``U_r^T k_pre`` (``[b, n, r]``, all KV heads of the layer jointly), its
 value (a `TokenStore`: full precision, or TaDA-packed from the next event on when `quant.value_bits` is
@@ -23,12 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvtrain.attention import attend_with_stored, key_validity
-from kvtrain.cache import AttendingLayer
-from kvtrain.compress import EventRecord, LayerCompressor
-from kvtrain.lowrank.sals import SalsBasis, reconstruct_keys
-from kvtrain.sals_runtime import SalsRuntime, recency_scores
-from kvtrain.storage import TokenStore
+from kvtrain.artifacts.sals_basis import SalsBasis
+from kvtrain.lowrank.sals import reconstruct_keys
+from kvtrain.runtime.attention import attend_with_stored, key_validity
+from kvtrain.runtime.compressor import EventRecord, LayerCompressor
+from kvtrain.runtime.layer import AttendingLayer
+from kvtrain.runtime.sals.runtime import SalsRuntime, recency_scores
+from kvtrain.runtime.schedule import EventClock
+from kvtrain.runtime.storage import TokenStore
 
 
 @dataclass
@@ -59,19 +61,19 @@ class SalsStore:
 class SalsLayer(AttendingLayer):
     """One layer's SALS store; built by `CompressedCache` for every non-dense layer of a SALS config."""
 
-    def __init__(self, layer_idx: int, compressor: LayerCompressor, runtime: SalsRuntime, record: bool):
-        super().__init__()
+    def __init__(
+        self, layer_idx: int, module: torch.nn.Module, compressor: LayerCompressor, runtime: SalsRuntime, record: bool
+    ):
+        super().__init__(layer_idx, module)
         if runtime.config.selector == "exact":
             raise ValueError(
                 "sals.selector='exact' scores with the uncompressed keys, which a SALS cache does not hold: it is "
                 "an oracle for replay (evaluate_loyalty(method='replay')), not a cache mode"
             )
-        self.layer_idx = layer_idx
         self.runtime = runtime
         self.value_codec = compressor.codecs.values
         self.schedule = compressor.policy.schedule
         self.record = record
-        self.records: list[EventRecord] = []
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -80,7 +82,7 @@ class SalsLayer(AttendingLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.seen = 0
-        self.decode_steps = 0
+        self.clock = EventClock(self.schedule)
         self._pending: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ CacheLayerMixin API
@@ -155,12 +157,7 @@ class SalsLayer(AttendingLayer):
         cos, sin = self.runtime.rope(positions)
         stored = self.stored
         values = stored.value_store.append(new_values)
-        if q > 1:
-            self.decode_steps = 0
-            due = self.schedule.compress_prefill
-        else:
-            self.decode_steps += 1
-            due = self.decode_steps % self.schedule.interval == 0
+        due = self.clock.tick(q)
         self.stored = SalsStore(
             latents=torch.cat([stored.latents, self.runtime.latent_keys(self.basis, new_keys, cos, sin)], dim=1),
             value_store=values.flush() if due else values,

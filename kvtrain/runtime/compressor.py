@@ -1,23 +1,26 @@
 """One compression event of one layer: score -> protect -> select -> (merge) -> gather.
 
 This is the only place where a policy is applied. `CompressedCache` calls it during decoding and
-`replay` calls it inside a teacher-forced forward, with the same inputs in the same order, which is what
+replay calls it inside a teacher-forced forward, with the same inputs in the same order, which is what
 makes replayed logits equal step-by-step decode logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from kvtrain.config import KVCompressionConfig, LayerPolicy
-from kvtrain.lowrank.kqsvd import LowRankPair
+from kvtrain.artifacts.projections import LowRankPair, read_projections_for_model
+from kvtrain.artifacts.quant_plan import read_quant_plan
+from kvtrain.config import KVCompressionConfig, LayerPolicy, LowRankConfig
 from kvtrain.policies import ScoreInputs, build_scorer
 from kvtrain.policies.keepkv import KeepKVMerger
 from kvtrain.policies.select import protected_mask, select
-from kvtrain.storage import ChainCodec, Codec, LowRankCodec, TadaCodec, TokenStore
+from kvtrain.runtime.codecs import ChainCodec, Codec, LowRankCodec, TadaCodec
+from kvtrain.runtime.storage import TokenStore
 
 _SCORER_STATE = "scorer."
 _MERGE_STATE = "merge."
@@ -236,15 +239,11 @@ def layer_codecs(
     if projections is not None:
         key_pairs, value_pairs = _supplied_pairs(projections, config, num_layers)
     elif config.lowrank is not None:
-        from kvtrain.calibrate.artifacts import projections_for
-
         key_pairs, value_pairs = projections_for(config.lowrank, model_config)
     key_bits = value_bits = [None] * num_layers
     if config.quant is not None:
         key_bits, value_bits = [config.quant.key_bits] * num_layers, [config.quant.value_bits] * num_layers
         if config.quant.plan:
-            from kvtrain.quant.bitplan import read_quant_plan
-
             plan = read_quant_plan(config.quant.plan)
             plan_bits = plan.bits
             if len(plan_bits) != num_layers:
@@ -258,6 +257,24 @@ def layer_codecs(
         LayerCodecs(_codec(key_pairs[i], key_bits[i], group), _codec(value_pairs[i], value_bits[i], group))
         for i in range(num_layers)
     ]
+
+
+def projections_for(lowrank: LowRankConfig, model_config) -> LayerPairs:
+    """Per-layer key and value pairs for a `LowRankConfig`: read, checked against the model, truncated."""
+    path = Path(lowrank.projections)
+    projections = read_projections_for_model(path, model_config)
+    sides = []
+    for use, rank, pairs, side in (
+        (lowrank.keys, lowrank.key_rank, projections.keys, "key"),
+        (lowrank.values, lowrank.value_rank, projections.values, "value"),
+    ):
+        if not use:
+            sides.append([None] * len(pairs))
+            continue
+        if rank is not None and any(rank > p.rank for p in pairs):
+            raise ValueError(f"{path}: {side} rank {rank} requested, the file holds ranks {[p.rank for p in pairs]}")
+        sides.append([p.truncate(rank) if rank is not None else p for p in pairs])
+    return sides[0], sides[1]
 
 
 def _supplied_pairs(projections: LayerPairs, config: KVCompressionConfig, num_layers: int) -> LayerPairs:
