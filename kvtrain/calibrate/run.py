@@ -40,6 +40,7 @@ from kvtrain.calibrate.head_budgets import head_budgets
 from kvtrain.calibrate.sensitivity import tada_sensitivity
 from kvtrain.calibrate.statistics import StatisticsCollector
 from kvtrain.data import load_texts, token_blocks
+from kvtrain.errors import UserError
 from kvtrain.io import atomic_write_bytes, atomic_write_text
 from kvtrain.models.rope import check_default_rope, model_rope
 from kvtrain.models.shape import ModelShape, model_fingerprint
@@ -125,12 +126,14 @@ class _State:
         try:
             progress = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); delete it or run with resume=False") from err
+            raise UserError(f"{path}: not valid JSON ({err}); delete it, or run with --no-resume (resume=False in "
+                            "Python) to start over") from None
         for field, value in self.key.items():
             if progress.get("key", {}).get(field) != value:
-                raise ValueError(
+                raise UserError(
                     f"{path}: the checkpoint was written for a different {field} "
-                    f"({progress.get('key', {}).get(field)!r}, now {value!r}); run with resume=False to start over"
+                    f"({progress.get('key', {}).get(field)!r}, now {value!r}); run with --no-resume (resume=False in "
+                    "Python) to start over"
                 )
         return progress
 

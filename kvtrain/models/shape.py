@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from kvtrain.errors import UserError
 from kvtrain.models.rope import rope_theta
 
 # These architectures compute post-RoPE keys, call `past_key_values.update` and then the registered
@@ -58,6 +59,13 @@ class ModelShape:
             head_dim=int(head_dim(config)),
             rope_theta=rope_theta(config),
         )
+
+
+def check_positions(config: PretrainedConfig, n_tokens: int, what: str) -> None:
+    """Refuse `n_tokens` positions beyond the model's `max_position_embeddings`; `what` names where they come from."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and n_tokens > limit:
+        raise UserError(f"{what} = {n_tokens} tokens exceeds the model's max_position_embeddings = {limit}")
 
 
 def model_fingerprint(config: PretrainedConfig) -> dict[str, Any]:

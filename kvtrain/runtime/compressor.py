@@ -19,6 +19,7 @@ from kvtrain.config import KVCompressionConfig, LayerPolicy, LowRankConfig
 from kvtrain.policies import ScoreInputs, build_scorer
 from kvtrain.policies.keepkv import KeepKVMerger
 from kvtrain.policies.select import protected_mask, select
+from kvtrain.runtime.binding import check_codec_dims, check_config_for_model
 from kvtrain.runtime.codecs import ChainCodec, Codec, LowRankCodec, TadaCodec
 from kvtrain.runtime.storage import TokenStore
 
@@ -219,8 +220,10 @@ def build_compressors(
 
     `projections` replaces the pairs read from `config.lowrank.projections` (see `layer_codecs`).
     """
+    check_config_for_model(config, model_config)
     num_layers = model_config.num_hidden_layers
     codecs = layer_codecs(config, model_config, projections=projections)
+    check_codec_dims(codecs, model_config, config)
     compressors = []
     for i in range(num_layers):
         policy = config.layer_policy(i, num_layers)

@@ -25,13 +25,15 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
-from kvtrain.models import load_model, model_fingerprint
+from kvtrain.errors import UserError
+from kvtrain.io import OutputLock
+from kvtrain.models import check_positions, load_model, model_fingerprint
 from kvtrain.runtime.routing import use_kvtrain_attention
-from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.output import write_artifacts
 from kvtrain.training.projections import TrainableProjections
 from kvtrain.training.recipe import load_recipe
+from kvtrain.training.resume import check_resume, resolve_resume, run_record
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
 from kvtrain.training.trainer import CompressionDistillationTrainer
 
@@ -107,24 +109,6 @@ def check_output_dir(path: str | Path) -> None:
         raise ValueError(f"output_dir {str(path)!r} is not writable: {err.strerror or err}") from None
 
 
-def resolve_resume(distill_args: DistillationArguments, training_args: TrainingArguments) -> str | None:
-    """The checkpoint to resume from: `resume` ('latest' or a path), else TrainingArguments.resume_from_checkpoint."""
-    value = distill_args.resume or training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() in ("latest", "true"):
-        found = checkpoints.latest_checkpoint(training_args.output_dir)
-        if found is None:
-            logger.warning("resume=latest: no complete checkpoint in %s, starting from scratch", training_args.output_dir)
-            return None
-        logger.info("resuming from %s", found)
-        return str(found)
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"resume={value!r}: not a complete checkpoint folder (no trainer_state.json)")
-    return str(path)
-
-
 def init_cpu_distributed() -> None:
     """On GPU-less machines launched with several processes, create the process group with gloo ourselves.
 
@@ -144,6 +128,14 @@ def init_cpu_distributed() -> None:
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     PartialState(cpu=not deepspeed, backend="gloo")
+
+
+def check_training_length(training_args: TrainingArguments) -> None:
+    """A run must train: at least one step (or, with max_steps -1, a positive number of epochs)."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise UserError(f"max_steps={training_args.max_steps}: must be >= 1 (or -1 to train num_train_epochs)")
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise UserError(f"num_train_epochs={training_args.num_train_epochs} with max_steps=-1: nothing would be trained")
 
 
 def is_zero3(trainer: CompressionDistillationTrainer) -> bool:
@@ -188,6 +180,7 @@ def _dtype(name: str | None) -> torch.dtype:
 class Run:
     """One distillation, built and ready to train: its arguments, the trainer and what the output records."""
 
+    lock: OutputLock
     distill_args: DistillationArguments
     kv_args: KVCompressionArguments
     training_args: TrainingArguments
@@ -197,6 +190,7 @@ class Run:
     tokenizer: object
     fingerprint: dict
     resume: str | None
+    resume_changes: list[str]
     projections: TrainableProjections | None
 
 
@@ -204,15 +198,22 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     """Parse and check the arguments, load the student and its teacher, cut the data, make the trainer."""
     distill_args, kv_args, training_args, model_args = parse_args(argv)
     kv_config = kv_args.to_config()
+    check_training_length(training_args)
     if distill_args.train_projections:
         TrainableProjections.check_config(kv_config)
     check_output_dir(training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    lock = OutputLock(training_args.output_dir, " ".join(["train/distill.py", *(sys.argv[1:] if argv is None else argv)]))
+    for warning in lock.acquire():
+        logger.warning(warning)
     transformers.set_seed(training_args.seed)
-    resume = resolve_resume(distill_args, training_args)
+    record = run_record(distill_args, kv_config, training_args, model_args)
+    resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
+    resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
     model, tokenizer = load_model(model_args.model_name_or_path, dtype=_dtype(model_args.dtype))
+    check_positions(model.config, distill_args.block_len, "block_len")
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
     if model_args.use_peft:
@@ -249,10 +250,11 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         teacher=teacher,
         loyalty_blocks=loyalty_blocks,
         projections=projections,
+        run_record=record,
     )
     check_sharding(trainer, distill_args)
-    return Run(distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint, resume,
-               projections)
+    return Run(lock, distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint,
+               resume, resume_changes, projections)
 
 
 def train(run: Run):
@@ -298,6 +300,7 @@ def save(run: Run, result) -> Path:
                     "training": run.training_args.to_dict(),
                 },
                 "resumed_from": run.resume,
+                "resume_changes": run.resume_changes,
                 "projections": run.projections.metadata() if run.projections is not None else {"trained": False},
                 "metrics": {
                     "train": result.metrics,
@@ -315,4 +318,8 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
     """Run one distillation; returns the output folder (weights + kv_compression/ + kvtrain_training.json)."""
     init_cpu_distributed()
     run = build(argv, callbacks)
-    return save(run, train(run))
+    try:
+        return save(run, train(run))
+    finally:
+        if run.trainer.accelerator.is_main_process:
+            run.lock.release()

@@ -31,6 +31,7 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from kvtrain.config import KVCompressionConfig
+from kvtrain.errors import NonFiniteError
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.io import atomic_write_text
 from kvtrain.runtime.compressor import LayerPairs
@@ -39,8 +40,10 @@ from kvtrain.runtime.replay import Replay, replay_compression, replay_disabled
 from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.losses import distillation_loss
+from kvtrain.training.numerics import check_finite_gradients, first_nonfinite_layer
 from kvtrain.training.on_policy import generate_continuations, step_generator
 from kvtrain.training.projections import CHECKPOINT_FILE, TrainableProjections
+from kvtrain.training.resume import RUN_FILE
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher, final_hidden_states
 
 _ON_POLICY_SALT = 1
@@ -63,6 +66,7 @@ class CompressionDistillationTrainer(Trainer):
         teacher: AdapterDisabledTeacher | FrozenCopyTeacher,
         loyalty_blocks: Tensor | None = None,
         projections: TrainableProjections | None = None,
+        run_record: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -77,6 +81,7 @@ class CompressionDistillationTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_replay: Replay | None = None
         self.projections = projections
+        self.run_record = run_record
         _check_head_supported(causal_lm(self.model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -86,9 +91,12 @@ class CompressionDistillationTrainer(Trainer):
         with self._replay(base) as replay:
             self._step_replay = replay
             try:
-                return super().training_step(model, inputs, num_items_in_batch)
+                loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._step_replay = None
+        if not self.is_deepspeed_enabled:  # DeepSpeed partitions the gradients; the loss check still holds
+            check_finite_gradients(model, self.state.global_step)
+        return loss
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -128,6 +136,11 @@ class CompressionDistillationTrainer(Trainer):
             s_head, t_head = base.get_output_embeddings().weight, teacher.head_weight()
             with _gathered(s_head, t_head):
                 parts = distillation_loss(s_hidden, s_head, t_hidden, t_head, targets, spec)
+        if not torch.isfinite(parts.loss):
+            source = "the teacher's" if not torch.isfinite(t_hidden).all() else "the student's"
+            where = first_nonfinite_layer(base, ids, mask, positions)
+            raise NonFiniteError(f"step {self.state.global_step}: the distillation loss is {parts.loss.item()} "
+                                 f"({source} hidden states are not finite; {where}); training stopped")
         self._metrics["distill_loss"].append(parts.loss.item())
         self._metrics["divergence"].append(parts.divergence.item())
         self._metrics["ce"].append(parts.ce.item())
@@ -235,6 +248,8 @@ class CompressionDistillationTrainer(Trainer):
             self.projections.save(staging / CHECKPOINT_FILE)
         if self.loyalty and self.args.should_save:
             atomic_write_text(staging / LOYALTY_FILE, json.dumps(self.loyalty, indent=1))
+        if self.run_record is not None and self.args.should_save:
+            atomic_write_text(staging / RUN_FILE, json.dumps(self.run_record, indent=1, default=str))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.publish(staging, checkpoints.final_dir(run_dir, self.state.global_step))
