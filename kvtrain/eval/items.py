@@ -44,7 +44,7 @@ class EvalItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.pieces = [tuple(p) for p in self.pieces]
+        self.pieces = _whitespace_leads([tuple(p) for p in self.pieces])
         if not 1 <= self.prefill_pieces <= len(self.pieces):
             raise ValueError(f"item {self.id!r}: prefill_pieces={self.prefill_pieces} must be in [1, {len(self.pieces)}]")
 
@@ -71,6 +71,19 @@ class EvalItem:
             checks.append(Check(**check))
         fields = {k: v for k, v in data.items() if k != "prompt"}  # the prompt is derived from the pieces
         return cls(**{**fields, "checks": checks})
+
+
+def _whitespace_leads(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Move each piece's trailing whitespace to the start of the next piece. Byte-level BPE tokenizers attach
+    whitespace to what follows it, so pieces cut this way tokenise one by one exactly as the whole prompt does."""
+    out = []
+    carry = ""
+    for i, (name, text) in enumerate(pieces):
+        text = carry + text
+        stripped = text if i == len(pieces) - 1 else text.rstrip()
+        carry = text[len(stripped):]
+        out.append((name, stripped))
+    return out
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -7,7 +7,8 @@ Grid::
     budgets: [low, mid, high]
     methods:                       # presets (kvtrain.eval.presets), or mappings
       - snapkv
-      - {preset: snapkv+keepkv, suites: {instructions: {fixes: [none]}}}
+      - {preset: snapkv+keepkv, suites: {instructions: {fixes: [none]}}}   # preset with overrides
+      - {preset: tada, config: {quant: {group_size: 16}}}
       - {name: mine, config: {scorer: {name: tova}, budget: null}, budgets: {low: {compression_ratio: 0.5}, ...}}
     checkpoints:                   # optional: trained models, each under the compression it was trained for;
       gkv-distilled: runs/distill/gkv   # the base model is also run under that compression (or `base_config`)
@@ -62,7 +63,7 @@ def _fail(source: str, where: str, message: str):
 
 def _method_specs(grid: dict, source: str) -> list[tuple[str, dict, dict, dict]]:
     """(name, base config mapping, budget -> overrides, suite option overrides) of every method."""
-    from kvtrain.eval.presets import NEEDS_ARTIFACTS, PRESETS
+    from kvtrain.eval.presets import NEEDS_ARTIFACTS, PRESETS, merge
 
     specs = []
     for i, entry in enumerate(grid.get("methods") or []):
@@ -83,7 +84,8 @@ def _method_specs(grid: dict, source: str) -> list[tuple[str, dict, dict, dict]]
                 _fail(source, where, f"method {name!r} needs calibration artifacts: set 'artifacts' "
                       "(a `kvtrain calibrate --fit kqsvd --rank 32` output folder)")
             preset = PRESETS[name]
-            config, budgets = preset["config"], {**preset["budgets"], **(entry.get("budgets") or {})}
+            config = merge(preset["config"], entry.get("config") or {})
+            budgets = {**preset["budgets"], **(entry.get("budgets") or {})}
             name = entry.get("name", name)
         else:
             if not {"name", "config", "budgets"} <= set(entry):

@@ -27,6 +27,11 @@ def _label(row: dict[str, Any]) -> str:
     return f"{model}{row['method']}" + ("" if row["method"] == FULL else f"/{row['budget']}")
 
 
+def _table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table with every column any row has."""
+    return markdown_table(rows, list(dict.fromkeys(k for row in rows for k in row)))
+
+
 def _csv(rows: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
@@ -128,7 +133,7 @@ def _instructions_section(records: list[dict[str, Any]], out: Path) -> str:
     plots.heatmap(rows, labels, spans, out / "keep_rates.png",
                   title="share of each span's tokens kept after compressing the system prompt")
     text = ("\n### Instructions: keep rates per span, with and without the fixes\n\n![keep rates](keep_rates.png)\n\n"
-            + markdown_table(metric_rows))
+            + _table(metric_rows))
     layer_png = []
     for fix, (label, rates) in per_layer.items():
         names = [s for s in spans if rates.get(s)]
@@ -152,11 +157,11 @@ def _memory_section(records: list[dict[str, Any]], out: Path, model_shape: dict[
         plots.bytes_breakdown(bars, full16, out / "memory_bytes.png", title="where the cache's bytes go")
         speed = [{"cell": _label(r), **{k: v for k, v in m.items() if S.is_timing(k)}} for r, m in cells]
         text += ("\n### Where the bytes go\n\nBytes per token seen, 16-bit equivalent (bookkeeping listed apart, "
-                 "not in the fraction).\n\n![bytes](memory_bytes.png)\n\n" + markdown_table(speed))
+                 "not in the fraction).\n\n![bytes](memory_bytes.png)\n\n" + _table(speed))
     if model_shape:
         text += (f"\n#### What it takes to hold >= 8x fewer bytes (arithmetic, {model_shape['kv_heads']} KV heads x "
                  f"{model_shape['head_dim']} dims)\n\n"
-                 + markdown_table(reduction_scenarios(model_shape["kv_heads"], model_shape["head_dim"])))
+                 + _table(reduction_scenarios(model_shape["kv_heads"], model_shape["head_dim"])))
     return text
 
 
@@ -183,12 +188,12 @@ def write_report(out: str | Path, *, records: list[dict[str, Any]] | None = None
     if overall:
         text += ("\n## Overall\n\n`overall_performance`: quadratic mean over the task suites of quality / full-cache "
                  "quality (perplexity: full / compressed); `loyalty`: share of responses identical to the full "
-                 "cache's, over the item suites.\n\n" + markdown_table(overall))
+                 "cache's, over the item suites.\n\n" + _table(overall))
     gaps = S.training_gaps(records)
     if gaps:
         text += ("\n## Does training pay off?\n\n`gap_closed` = (trained - base) / (full - base) under the same "
                  "compression (1: training reaches the full cache; 0: no change; negative: worse).\n\n"
-                 + markdown_table(gaps) + "\n" + markdown_table(S.against_best_two_x(records)))
+                 + _table(gaps) + "\n" + _table(S.against_best_two_x(records)))
     text += "\n## Suites\n"
     for suite_name in _results_by_suite(records):
         text += _suite_section(suite_name, records, table, fractions, out)

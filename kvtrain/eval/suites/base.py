@@ -81,21 +81,25 @@ def item_scores(result: SuiteResult, check: str) -> dict[str, float]:
 
 def relative_metrics(result: SuiteResult, full: SuiteResult) -> dict[str, float | None]:
     """Against the full-cache result of the same suite: per check, the mean score on the items the full cache
-    gets right; the agreement of the responses with the full cache's (EffiVLM loyalty)."""
+    gets right; the agreement of the responses with the full cache's (EffiVLM loyalty). Rows run under a
+    variant (`meta.fix`, e.g. the instruction suite's fixes) are compared on their own, prefixed `<fix>_`."""
+    full_by_id = {item["id"]: item for item in full.items}
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for item in result.items:
+        variants.setdefault(item.get("meta", {}).get("fix", "none"), []).append(item)
     out: dict[str, float | None] = {}
-    if result.items:
-        full_by_id = {item["id"]: item for item in full.items}
-        missing = [item["id"] for item in result.items if item["id"] not in full_by_id]
+    for variant, rows in variants.items():
+        prefix = "" if variant == "none" else f"{variant}_"
+        missing = [row["id"] for row in rows if row.get("item", row["id"]) not in full_by_id]
         if missing:
             raise ValueError(f"items {missing[:3]} have no full-cache result to compare with")
-        checks = sorted({name for item in result.items for name in item["scores"]})
-        for check in checks:
-            mine = item_scores(result, check)
-            ids = sorted(mine)
-            out[f"{check}_where_full_right"] = M.accuracy_where_reference_right(
-                [mine[i] for i in ids], [full_by_id[i]["scores"][check] for i in ids])
-        out["agreement_with_full"] = M.agreement([item["response"] for item in result.items],
-                                                 [full_by_id[item["id"]]["response"] for item in result.items])
+        reference = [full_by_id[row.get("item", row["id"])] for row in rows]
+        for check in sorted({name for row in rows for name in row["scores"]}):
+            pairs = [(row["scores"][check], ref["scores"][check]) for row, ref in zip(rows, reference)
+                     if check in row["scores"]]
+            out[f"{prefix}{check}_where_full_right"] = M.accuracy_where_reference_right(*zip(*pairs))
+        out[f"{prefix}agreement_with_full"] = M.agreement([row["response"] for row in rows],
+                                                          [ref["response"] for ref in reference])
     return out
 
 

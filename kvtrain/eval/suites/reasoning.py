@@ -35,6 +35,7 @@ STOP = ["\nQ:", "\n\n"]
 class ReasoningOptions:
     chains: int = 4
     word_problems: int = 3
+    max_new_tokens: int | None = None  # a cap on the answer length (default: enough for every derivation)
     seed: int = 0
     batch_size: int = 8
 
@@ -80,8 +81,12 @@ class ReasoningSuite(Suite):
 
     def build_items(self, tokenizer, options: ReasoningOptions) -> list[EvalItem]:
         rng = random.Random(f"{options.seed}:reasoning")
-        return ([_chain(rng, i) for i in range(options.chains)]
-                + [_word_problem(rng, i) for i in range(options.word_problems)])
+        items = [_chain(rng, i) for i in range(options.chains)] + [_word_problem(rng, i)
+                                                                     for i in range(options.word_problems)]
+        if options.max_new_tokens is not None:
+            for item in items:
+                item.max_new_tokens = min(item.max_new_tokens, options.max_new_tokens)
+        return items
 
     def run(self, model, tokenizer, config, options: ReasoningOptions, *, progress: bool = False) -> SuiteResult:
         from kvtrain.eval.generation import run_items

@@ -99,25 +99,27 @@ def _needle_item(tokenizer, kind: str, length: int, depth: float, index: int, se
 
 
 def _copy_item(tokenizer, length: int, depth: float, seed: int) -> EvalItem:
-    words = _filler_words(offset=7919 * (1 + int(depth * 100)) + length + seed)
-    # Sentence starts (after a word ending in '.') with enough words after them to copy.
-    starts = [i for i in range(1, len(words) - COPY_CUE_WORDS - COPY_ANSWER_WORDS) if words[i - 1].endswith(".")]
-
-    def build(n: int) -> str:
+    def build(words: list[str], n: int) -> str:
         return " ".join(words[:n])
 
-    probe_cue = "\n\n" + " ".join(words[:COPY_CUE_WORDS])
-    budget = length - len(tokenizer(probe_cue, add_special_tokens=False)["input_ids"]) - 4
-    n = _fit_words(tokenizer, words, build, budget)
-    inside = [s for s in starts if s + COPY_CUE_WORDS + COPY_ANSWER_WORDS <= n]
-    if not inside:
+    # Some stretches of the held-out text are code without sentences: move on until a sentence fits.
+    for attempt in range(50):
+        words = _filler_words(offset=7919 * (1 + int(depth * 100)) + length + seed + 131 * attempt)
+        probe_cue = "\n\n" + " ".join(words[:COPY_CUE_WORDS])
+        target = length - len(tokenizer(probe_cue, add_special_tokens=False)["input_ids"]) - 4
+        n = _fit_words(tokenizer, words, lambda k, w=words: build(w, k), target)
+        # sentence starts (after a word ending in '.') with the cue and the answer inside the haystack
+        inside = [i for i in range(1, n - COPY_CUE_WORDS - COPY_ANSWER_WORDS + 1) if words[i - 1].endswith(".")]
+        if inside:
+            break
+    else:
         raise ValueError(f"retrieval copy: no sentence fits in a {length}-token haystack")
-    start = min(inside, key=lambda s: abs(s / n - depth))
+    start = min(inside, key=lambda i: abs(i / n - depth))
     cue = "\n\n" + " ".join(words[start : start + COPY_CUE_WORDS])
     reference = " ".join(words[start + COPY_CUE_WORDS : start + COPY_CUE_WORDS + COPY_ANSWER_WORDS])
     return EvalItem(
         id=f"copy-L{length}-d{depth:g}", suite="retrieval",
-        pieces=[("haystack", build(n)), ("cue", cue)], prefill_pieces=1,
+        pieces=[("haystack", build(words, n)), ("cue", cue)], prefill_pieces=1,
         checks=[Check("answer", "verbatim_prefix", reference)], max_new_tokens=24, stop=["\n"],
         meta={"kind": "copy", "length": length, "depth": round(start / n, 3)},
     )
