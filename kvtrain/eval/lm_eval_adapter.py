@@ -18,6 +18,7 @@ greedy. Requests run one at a time, each with its own cache, so compression neve
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own model types before ours joins them)
@@ -26,8 +27,10 @@ from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 LOGLIKELIHOOD_METHODS = ("replay", "cache")
+logger = logging.getLogger("kvtrain")
 
 
 @register_model("kvtrain")
@@ -46,6 +49,9 @@ class KVTrainLM(TemplateLM):
             raise ConfigError(f"lm-eval model_args loglikelihood={loglikelihood!r}: choose one of {LOGLIKELIHOOD_METHODS}")
         if device not in (None, "cpu") and not str(device).startswith("cuda"):
             raise ConfigError(f"lm-eval device={device!r}: expected cpu or cuda[:n]")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            logger.warning("lm-eval device=%s, but CUDA is not available: running on the CPU", device)
+            device = "cpu"
         self.model, self.tokenizer, trained = load_for_eval(str(pretrained))
         self.model.to(device or "cpu")
         if kv_config is not None and str(kv_config).lower() != "none":
@@ -147,12 +153,24 @@ class KVTrainLM(TemplateLM):
             cache = None if self.kv_config is None else CompressedCache.for_model(self.model, self.kv_config)
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       past_key_values=cache, max_new_tokens=max_new, do_sample=False,
-                                      stop_strings=until or None, tokenizer=self.tokenizer,
+                                      stopping_criteria=[_StopStrings(self.tokenizer, len(ids), until)],
                                       pad_token_id=self.tokenizer.pad_token_id)
             text = cut_at_stop(self.tok_decode(out[0, len(ids):].tolist()), until)
             outputs.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return outputs
+
+
+class _StopStrings(StoppingCriteria):
+    """Stop once the decoded answer contains one of `stops` (transformers' own stop strings need a byte-level
+    tokenizer; this works with any)."""
+
+    def __init__(self, tokenizer, prompt_len: int, stops: list[str]):
+        self.tokenizer, self.prompt_len, self.stops = tokenizer, prompt_len, stops
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
 def run_lm_eval_cli(argv: list[str]) -> None:
