@@ -39,7 +39,7 @@ def _compression_given(args: argparse.Namespace) -> bool:
 
 def cmd_suite(args: argparse.Namespace) -> None:
     from kvtrain import KVCompressionArguments
-    from kvtrain.eval.models import load_for_eval
+    from kvtrain.eval.loading import load_for_eval
     from kvtrain.eval.report import print_table
     from kvtrain.eval.suites import get_suite, quality_ratio, relative_metrics
     from kvtrain.io import atomic_write_text

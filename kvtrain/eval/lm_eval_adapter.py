@@ -39,7 +39,7 @@ class KVTrainLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, batch_size: int | str | None = None,
                  max_batch_size: int | None = None, device: str | None = None, **unknown) -> None:
         from kvtrain import ConfigError, KVCompressionConfig
-        from kvtrain.eval.models import load_for_eval
+        from kvtrain.eval.loading import load_for_eval
 
         super().__init__()
         if unknown:

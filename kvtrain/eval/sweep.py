@@ -102,7 +102,7 @@ def _method_specs(grid: dict, source: str) -> list[tuple[str, dict, dict, dict]]
 def load_grid(path: str | Path) -> list[Cell]:
     """The cells of a grid file, in run order (per model: the full cache first), every config validated."""
     from kvtrain import KVCompressionConfig
-    from kvtrain.eval.models import check_checkpoint, checkpoint_config
+    from kvtrain.eval.loading import check_checkpoint, checkpoint_config
     from kvtrain.eval.presets import fill_artifacts, merge
     from kvtrain.eval.suites import get_suite
 
@@ -210,7 +210,7 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, progress: bool = True, 
     from tqdm.auto import tqdm
 
     from kvtrain import KVCompressionConfig
-    from kvtrain.eval.models import load_for_eval
+    from kvtrain.eval.loading import load_for_eval
     from kvtrain.eval.report import provenance
     from kvtrain.eval.suites import get_suite
 
