@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--calib", type=Path, default=CALIB, help="the grid's `artifacts` folder")
     parser.add_argument("--resume", action="store_true", help="keep the cells already in OUT/results.jsonl")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (one is faster on a shared 2-core machine: decode steps are small ops)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -69,9 +69,10 @@ def test_chain_steps_counts_the_right_steps_before_the_first_slip():
 
 
 def test_rouge_l_recall_by_hand():
-    # reference tokens: the cat sat on the mat (6); response: the cat lay on a mat
-    # longest common subsequence: the, cat, on, mat = 4  ->  recall 4/6
-    assert run_checker("rouge_l_recall", "the cat lay on a mat", "the cat sat on the mat") == pytest.approx(4 / 6)
+    # reference tokens: the cat sat on the mat (6); response: well the cat lay on a mat today (8)
+    # longest common subsequence: the, cat, on, mat = 4  ->  recall 4/6 (precision would be 4/8)
+    assert run_checker("rouge_l_recall", "well the cat lay on a mat today", "the cat sat on the mat") == \
+        pytest.approx(4 / 6)
     # case and punctuation are ignored by ROUGE's tokenizer; order matters: LCS of (a b c d) in (d c b a) is 1
     assert run_checker("rouge_l_recall", "The CAT, sat on the mat!", "the cat sat on the mat") == 1.0
     assert run_checker("rouge_l_recall", "d c b a", "a b c d") == pytest.approx(1 / 4)

@@ -26,7 +26,7 @@ WORD_SHOTS = ("Q: Tom has 3 apples and buys 4 more. How many apples does he have
               "A: 3 + 4 = 7. The answer is 7.\n\n"
               "Q: A box holds 5 pens. Ana has 2 boxes and gives away 3 pens. How many pens does she have?\n"
               "A: 5 * 2 = 10. 10 - 3 = 7. The answer is 7.\n\n")
-NAMES = ("Sam", "Mia", "Lee", "Ada", "Ben", "Eva")
+NAMES = ("Sam", "Tom", "Lee", "Max", "Ben", "Dan")
 THINGS = ("books", "cards", "shells", "stamps", "coins", "marbles")
 STOP = ["\nQ:", "\n\n"]
 
@@ -56,14 +56,15 @@ def _chain(rng: random.Random, index: int) -> EvalItem:
 def _word_problem(rng: random.Random, index: int) -> EvalItem:
     name, things = rng.choice(NAMES), rng.choice(THINGS)
     a, b = rng.randint(2, 9), rng.randint(2, 9)
+    # The three forms have the same token count with single-token names and things (SmolLM2), so they batch.
     form = index % 3
     if form == 0:
-        text, answer = f"{name} has {a} {things} and gets {b} more. How many {things} does {name} have?", a + b
+        text, answer = f"{name} has {a} {things} and then gets {b} more. How many {things} does {name} have now?", a + b
     elif form == 1:
-        text, answer = f"A bag holds {a} {things}. {name} has {b} bags. How many {things} does {name} have?", a * b
+        text, answer = f"A bag holds {a} {things}. {name} has {b} bags. How many {things} does he have?", a * b
     else:
         c = rng.randint(1, a + b - 1)
-        text = f"{name} has {a} {things}, finds {b} more and then loses {c}. How many {things} are left?"
+        text = f"{name} has {a} {things}, finds {b} more and loses {c}. How many {things} remain?"
         answer = a + b - c
     return EvalItem(
         id=f"word-{index}", suite="reasoning", pieces=[("shots", WORD_SHOTS), ("question", f"Q: {text}\nA:")],

@@ -25,7 +25,8 @@ from kvtrain.eval.suites.base import Suite, SuiteResult
 KINDS = ("passkey", "needle", "copy")
 INGREDIENTS = ("saffron", "cinnamon", "ginger", "nutmeg", "oregano", "paprika", "vanilla", "rosemary", "basil",
                "cardamom", "thyme", "turmeric")
-COPY_CUE_WORDS = 6
+COPY_CUE_TOKENS = 8  # "\n\n" and the first words of the sentence
+COPY_MAX_CUE_WORDS = 7
 COPY_ANSWER_WORDS = 8
 
 
@@ -98,31 +99,42 @@ def _needle_item(tokenizer, kind: str, length: int, depth: float, index: int, se
     )
 
 
-def _copy_item(tokenizer, length: int, depth: float, seed: int) -> EvalItem:
-    def build(words: list[str], n: int) -> str:
-        return " ".join(words[:n])
+def _copy_items(tokenizer, length: int, depths: tuple[float, ...], seed: int) -> list[EvalItem]:
+    """One haystack per length; per depth, the sentence starting nearest that depth whose first words make a
+    cue of exactly COPY_CUE_TOKENS tokens (so the items of a length share a token layout and a batch)."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    # Some stretches of the held-out text are code without sentences: move on until a sentence fits.
+    def cue_at(words: list[str], start: int) -> str | None:
+        for k in range(1, COPY_CUE_TOKENS + 1):
+            cue = "\n\n" + " ".join(words[start : start + k])
+            if count(cue) >= COPY_CUE_TOKENS:
+                return cue if count(cue) == COPY_CUE_TOKENS else None
+        return None
+
+    # Some stretches of the held-out text are code without sentences: move on until sentences fit.
     for attempt in range(50):
-        words = _filler_words(offset=7919 * (1 + int(depth * 100)) + length + seed + 131 * attempt)
-        probe_cue = "\n\n" + " ".join(words[:COPY_CUE_WORDS])
-        target = length - len(tokenizer(probe_cue, add_special_tokens=False)["input_ids"]) - 4
-        n = _fit_words(tokenizer, words, lambda k, w=words: build(w, k), target)
+        words = _filler_words(offset=7919 + length + seed + 131 * attempt)
+        n = _fit_words(tokenizer, words, lambda k, w=words: " ".join(w[:k]), length - COPY_CUE_TOKENS)
         # sentence starts (after a word ending in '.') with the cue and the answer inside the haystack
-        inside = [i for i in range(1, n - COPY_CUE_WORDS - COPY_ANSWER_WORDS + 1) if words[i - 1].endswith(".")]
-        if inside:
+        starts = [i for i in range(1, n - COPY_MAX_CUE_WORDS - COPY_ANSWER_WORDS + 1) if words[i - 1].endswith(".")]
+        cues = {i: cue for i in starts if (cue := cue_at(words, i)) is not None}
+        if cues:
             break
     else:
         raise ValueError(f"retrieval copy: no sentence fits in a {length}-token haystack")
-    start = min(inside, key=lambda i: abs(i / n - depth))
-    cue = "\n\n" + " ".join(words[start : start + COPY_CUE_WORDS])
-    reference = " ".join(words[start + COPY_CUE_WORDS : start + COPY_CUE_WORDS + COPY_ANSWER_WORDS])
-    return EvalItem(
-        id=f"copy-L{length}-d{depth:g}", suite="retrieval",
-        pieces=[("haystack", build(words, n)), ("cue", cue)], prefill_pieces=1,
-        checks=[Check("answer", "verbatim_prefix", reference)], max_new_tokens=24, stop=["\n"],
-        meta={"kind": "copy", "length": length, "depth": round(start / n, 3)},
-    )
+    items = []
+    for depth in depths:
+        start = min(cues, key=lambda i: abs(i / n - depth))
+        cue = cues[start]
+        after = start + len(cue.split())
+        items.append(EvalItem(
+            id=f"copy-L{length}-d{depth:g}", suite="retrieval",
+            pieces=[("haystack", " ".join(words[:n])), ("cue", cue)], prefill_pieces=1,
+            checks=[Check("answer", "verbatim_prefix", " ".join(words[after : after + COPY_ANSWER_WORDS]))],
+            max_new_tokens=20, stop=["\n"], meta={"kind": "copy", "length": length, "depth": round(start / n, 3)},
+        ))
+    return items
 
 
 class RetrievalSuite(Suite):
@@ -138,11 +150,11 @@ class RetrievalSuite(Suite):
         items = []
         for kind in options.kinds:
             for length in options.lengths:
+                if kind == "copy":
+                    items += _copy_items(tokenizer, length, options.depths, options.seed)
+                    continue
                 for i, depth in enumerate(options.depths):
-                    if kind == "copy":
-                        items.append(_copy_item(tokenizer, length, depth, options.seed))
-                    else:
-                        items.append(_needle_item(tokenizer, kind, length, depth, i, options.seed))
+                    items.append(_needle_item(tokenizer, kind, length, depth, i, options.seed))
         check_not_in_training([item.pieces[0][1] for item in items], "retrieval haystack")
         return items
 
