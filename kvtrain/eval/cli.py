@@ -98,6 +98,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    from kvtrain import ConfigError
     from kvtrain.eval.items import read_items, read_jsonl, score_responses
     from kvtrain.eval.report import print_table
     from kvtrain.io import atomic_write_text
@@ -106,7 +107,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     responses = {}
     for i, record in enumerate(read_jsonl(args.responses), start=1):
         if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not isinstance(record.get("response"), str):
-            raise ValueError(f"{args.responses}:{i}: expected an object with string fields 'id' and 'response'")
+            raise ConfigError(f"{args.responses}:{i}: expected an object with string fields 'id' and 'response'")
         responses[record["id"]] = record["response"]
     rows = score_responses(items, responses)
     checks = sorted({k for row in rows for k in row if k != "id"})

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvtrain import ConfigError
 from kvtrain.eval.checkers import get_checker, run_checker
 
 
@@ -62,11 +63,11 @@ class EvalItem:
         unknown = set(data) - known
         missing = {"id", "suite", "pieces", "prefill_pieces", "checks", "max_new_tokens"} - set(data)
         if unknown or missing:
-            raise ValueError(f"{where}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+            raise ConfigError(f"{where}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
         checks = []
         for i, check in enumerate(data["checks"]):
             if not isinstance(check, dict) or "checker" not in check or "name" not in check:
-                raise ValueError(f"{where}: checks[{i}] must be an object with 'name' and 'checker'")
+                raise ConfigError(f"{where}: checks[{i}] must be an object with 'name' and 'checker'")
             get_checker(check["checker"])  # an unknown checker is named here, before any model runs
             checks.append(Check(**check))
         fields = {k: v for k, v in data.items() if k != "prompt"}  # the prompt is derived from the pieces
@@ -110,7 +111,7 @@ def write_items(path: str | Path, items: list[EvalItem]) -> None:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise ConfigError(f"{path}: no such file")
     records = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -118,7 +119,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+            raise ConfigError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
     return records
 
 
@@ -130,5 +131,5 @@ def score_responses(items: list[EvalItem], responses: dict[str, str]) -> list[di
     """Per item: its id and the score of every check. `responses` maps item id -> response text."""
     missing = [item.id for item in items if item.id not in responses]
     if missing:
-        raise ValueError(f"no response for item(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ConfigError(f"no response for item(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return [{"id": item.id, **score_item(item, responses[item.id])} for item in items]
