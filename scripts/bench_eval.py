@@ -12,6 +12,7 @@ kqsvd --rank 32 --value-rank 32`, so ranks 32/16/8 can all be cut from them), ru
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def main() -> None:
     if not args.resume:
         for name in (RESULTS, PROVENANCE):
             (args.out / name).unlink(missing_ok=True)
+    load_before = os.getloadavg()[1]  # other jobs on the machine: timings scale with them
     start = time.perf_counter()
     ensure_calibration(grid["model"], args.calib)
     calibration_s = time.perf_counter() - start
@@ -70,7 +72,8 @@ def main() -> None:
     config = AutoConfig.from_pretrained(resolve_model(grid["model"]))
     shape = {"kv_heads": config.num_key_value_heads, "head_dim": head_dim(config)}
     notes = (f"- threads: {args.threads}; calibration {calibration_s / 60:.1f} min; whole run "
-             f"{total_s / 60:.1f} min{' (resumed)' if args.resume else ''}\n"
+             f"{total_s / 60:.1f} min{' (resumed)' if args.resume else ''}; 5-minute load average "
+             f"{load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end ({os.cpu_count()} CPUs)\n"
              f"- grid: `{args.grid.relative_to(REPO) if args.grid.is_relative_to(REPO) else args.grid}`; "
              "interpretation: `README.md` next to this report\n")
     report = write_report(args.out, records=records, title="Evaluation suites on SmolLM2-135M-Instruct",

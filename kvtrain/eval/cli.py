@@ -12,7 +12,6 @@ from pathlib import Path
 
 # Suites with a command of their own here (loyalty and fidelity have theirs in kvtrain.cli).
 SUITE_COMMANDS = ("perplexity", "retrieval", "instructions", "reasoning", "memory")
-ITEM_SUITES = ("retrieval", "instructions", "reasoning")
 
 
 def _options(pairs: list[str]) -> dict:
@@ -127,6 +126,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> None:
 def add_eval_parsers(subparsers) -> None:
     """Add the suite commands, `sweep`, `report`, `export`, `score` and `lm-eval` to `kvtrain eval`."""
     from kvtrain import KVCompressionArguments
+    from kvtrain.eval.suites import SUITE_NAMES, get_suite
 
     for name in SUITE_COMMANDS:
         p = subparsers.add_parser(name, help=f"the {name} suite under a compressed cache (and the full cache)")
@@ -153,7 +153,7 @@ def add_eval_parsers(subparsers) -> None:
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("export", help="a suite's items as JSONL (prompt, checks) for other systems")
-    p.add_argument("suite", choices=ITEM_SUITES)
+    p.add_argument("suite", choices=[name for name in SUITE_NAMES if get_suite(name).has_items])
     p.add_argument("--model", default="smollm2-135m", help="whose tokenizer and chat template build the prompts")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, required=True)

@@ -47,7 +47,7 @@ class Suite:
     quality_lower_is_better: ClassVar[bool] = False
     # Whether the quality ratio to the full cache enters the overall score (task suites, not diagnostics).
     in_overall: ClassVar[bool] = False
-    has_items: ClassVar[bool] = False
+    has_items: ClassVar[bool] = False  # made of prompts (`build_items`): exportable as JSONL
 
     def build_items(self, tokenizer, options) -> list:
         raise ValueError(f"suite {self.name!r} has no items to export")
@@ -72,11 +72,6 @@ class Suite:
             return self.Options(**values)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{source}: suite {self.name!r}: {err}") from None
-
-
-def item_scores(result: SuiteResult, check: str) -> dict[str, float]:
-    """item id -> score of one check, for the items that have it."""
-    return {item["id"]: item["scores"][check] for item in result.items if check in item["scores"]}
 
 
 def relative_metrics(result: SuiteResult, full: SuiteResult) -> dict[str, float | None]:
