@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -71,9 +72,11 @@ def main() -> None:
 
     config = AutoConfig.from_pretrained(resolve_model(grid["model"]))
     shape = {"kv_heads": config.num_key_value_heads, "head_dim": head_dim(config)}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     notes = (f"- threads: {args.threads}; calibration {calibration_s / 60:.1f} min; whole run "
-             f"{total_s / 60:.1f} min{' (resumed)' if args.resume else ''}; 5-minute load average "
-             f"{load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end ({os.cpu_count()} CPUs)\n"
+             f"{total_s / 60:.1f} min{' (resumed)' if args.resume else ''}, of which the process had the CPU for "
+             f"{(usage.ru_utime + usage.ru_stime) / 60:.1f} min; 5-minute load average {load_before:.1f} at the "
+             f"start, {os.getloadavg()[1]:.1f} at the end ({os.cpu_count()} CPUs)\n"
              f"- grid: `{args.grid.relative_to(REPO) if args.grid.is_relative_to(REPO) else args.grid}`; "
              "interpretation: `README.md` next to this report\n")
     report = write_report(args.out, records=records, title="Evaluation suites on SmolLM2-135M-Instruct",

@@ -55,8 +55,8 @@ def pareto(points: Sequence[dict[str, Any]], path: Path, *, title: str, quality:
 def per_layer(series: dict[str, Sequence[float]], path: Path, *, title: str, ylabel: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for label, values in series.items():
-        ax.plot(range(len(values)), values, marker=".", label=label)
+    for i, (label, values) in enumerate(series.items()):  # tab20: no colour repeats before 20 lines
+        ax.plot(range(len(values)), values, marker=".", label=label, color=plt.cm.tab20(i % 20))
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from kvtrain.eval import metrics as M
-from kvtrain.eval.suites import SuiteResult, get_suite, quality_ratio, relative_metrics
+from kvtrain.eval.suites import SuiteResult, get_suite, kept_where_full_right, quality_ratio, relative_metrics
 from kvtrain.eval.sweep import FULL
 
 # Metrics measured in time or process memory: they differ run to run, so tables that must be reproducible
@@ -28,6 +28,17 @@ def is_timing(metric: str) -> bool:
 
 def _key(record: dict[str, Any]) -> tuple[str, str, str, str]:
     return record["model"], record["method"], record["budget"], record["suite"]
+
+
+def in_grid_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records grouped by model, method, budget and suite, each in order of first appearance: a sweep appends
+    cells in grid order, interrupted or not, so this is the grid's order (budgets low, mid, high; not sorted
+    by name)."""
+    firsts: list[dict[str, int]] = [{}, {}, {}, {}]
+    for r in records:
+        for seen, value in zip(firsts, _key(r)):
+            seen.setdefault(value, len(seen))
+    return sorted(records, key=lambda r: tuple(seen[v] for seen, v in zip(firsts, _key(r))))
 
 
 def _result(record: dict[str, Any]) -> SuiteResult:
@@ -58,11 +69,11 @@ def cache_fractions(records: list[dict[str, Any]]) -> dict[tuple[str, str, str],
 
 
 def results_table(records: list[dict[str, Any]], *, timings: bool = False) -> list[dict[str, Any]]:
-    """One row per record, sorted by (model, method, budget, suite): its metrics, and against the full cache
-    the quality ratio and the per-check accuracy where the full cache is right. Timing metrics only if asked."""
+    """One row per record, in grid order: its metrics, and against the full cache the quality ratio and the
+    per-check accuracy where the full cache is right. Timing metrics only if asked."""
     full = full_results(records)
     rows = []
-    for r in sorted(records, key=_key):
+    for r in in_grid_order(records):
         result, suite = _result(r), get_suite(r["suite"])
         row: dict[str, Any] = {"model": r["model"], "method": r["method"], "budget": r["budget"],
                                "suite": r["suite"], "skipped": result.skipped or ""}
@@ -78,11 +89,14 @@ def results_table(records: list[dict[str, Any]], *, timings: bool = False) -> li
 def overall_scores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per compressed (model, method, budget): EffiVLM-style overall performance (quadratic mean over the task
     suites of quality / full-cache quality), loyalty (mean agreement of responses with the full cache over
-    the item suites), and the cache fraction; sorted by cache fraction."""
+    the item suites), `kept_where_full_right` (mean over the item suites of the quality checks' score on what
+    the full cache gets right: unlike a ratio of accuracies, not inflated when a small model's full-cache
+    accuracy is low), and the cache fraction; sorted by cache fraction."""
     full = full_results(records)
     fractions = cache_fractions(records)
     ratios: dict[tuple, dict[str, float]] = defaultdict(dict)
     agreements: dict[tuple, list[float]] = defaultdict(list)
+    kept: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
         suite, result = get_suite(r["suite"]), _result(r)
         if r["method"] == FULL or result.skipped or r["suite"] not in full:
@@ -93,11 +107,15 @@ def overall_scores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratios[cell][r["suite"]] = ratio
         if result.items:
             agreements[cell].append(relative_metrics(result, full[r["suite"]])["agreement_with_full"])
+            right = kept_where_full_right(suite, result, full[r["suite"]])
+            if suite.in_overall and right is not None:
+                kept[cell].append(right)
     rows = []
     for cell in sorted(set(ratios) | set(agreements), key=lambda c: (fractions.get(c, 1.0), c)):
         row = {"model": cell[0], "method": cell[1], "budget": cell[2], "cache_fraction": fractions.get(cell)}
         row["overall_performance"] = M.overall_performance(ratios[cell]) if ratios.get(cell) else None
         row["loyalty"] = M.mean(agreements[cell], "agreements") if agreements.get(cell) else None
+        row["kept_where_full_right"] = M.mean(kept[cell], "scores") if kept.get(cell) else None
         row.update({f"ratio_{suite}": value for suite, value in sorted(ratios[cell].items())})
         rows.append(row)
     return rows
@@ -109,7 +127,7 @@ def training_gaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     full = full_results(records)
     by_key = {_key(r): r for r in records}
     rows = []
-    for r in sorted(records, key=_key):
+    for r in in_grid_order(records):
         if r["model"] == "base" or r["budget"] != "trained":
             continue
         suite = get_suite(r["suite"])
@@ -132,7 +150,7 @@ def against_best_two_x(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cell (base model) holding at most about half the bytes of a 16-bit cache (fraction <= TWO_X)."""
     fractions = cache_fractions(records)
     rows = []
-    for r in sorted(records, key=_key):
+    for r in in_grid_order(records):
         if r["model"] == "base" or r["budget"] != "trained" or _result(r).skipped:
             continue
         suite = get_suite(r["suite"])

@@ -187,8 +187,10 @@ def write_report(out: str | Path, *, records: list[dict[str, Any]] | None = None
     text += notes
     if overall:
         text += ("\n## Overall\n\n`overall_performance`: quadratic mean over the task suites of quality / full-cache "
-                 "quality (perplexity: full / compressed); `loyalty`: share of responses identical to the full "
-                 "cache's, over the item suites.\n\n" + _table(overall))
+                 "quality (perplexity: full / compressed), as in EffiVLM-Bench: with a small model a few lucky answers "
+                 "push a ratio above 1; `kept_where_full_right`: mean over the item suites of the quality checks' "
+                 "score on the items the full cache gets right (1: compression lost nothing); `loyalty`: share of "
+                 "answers identical to the full cache's.\n\n" + _table(overall))
     gaps = S.training_gaps(records)
     if gaps:
         text += ("\n## Does training pay off?\n\n`gap_closed` = (trained - base) / (full - base) under the same "

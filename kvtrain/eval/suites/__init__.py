@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvtrain import ConfigError
-from kvtrain.eval.suites.base import Suite, SuiteResult, quality_ratio, relative_metrics
+from kvtrain.eval.suites.base import Suite, SuiteResult, kept_where_full_right, quality_ratio, relative_metrics
 
 
 class UnknownSuiteError(ConfigError):
@@ -34,4 +34,4 @@ def get_suite(name: str) -> Suite:
     return registry[name]()
 
 
-__all__ = ["SUITE_NAMES", "Suite", "SuiteResult", "UnknownSuiteError", "get_suite", "quality_ratio", "relative_metrics"]
+__all__ = ["SUITE_NAMES", "Suite", "SuiteResult", "UnknownSuiteError", "get_suite", "kept_where_full_right", "quality_ratio", "relative_metrics"]

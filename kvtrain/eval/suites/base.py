@@ -48,6 +48,8 @@ class Suite:
     # Whether the quality ratio to the full cache enters the overall score (task suites, not diagnostics).
     in_overall: ClassVar[bool] = False
     has_items: ClassVar[bool] = False  # made of prompts (`build_items`): exportable as JSONL
+    # The checks (name prefixes) whose scores make the quality: pooled on the items the full cache gets right.
+    quality_checks: ClassVar[tuple[str, ...]] = ()
 
     def build_items(self, tokenizer, options) -> list:
         raise ValueError(f"suite {self.name!r} has no items to export")
@@ -96,6 +98,18 @@ def relative_metrics(result: SuiteResult, full: SuiteResult) -> dict[str, float 
         out[f"{prefix}agreement_with_full"] = M.agreement([row["response"] for row in rows],
                                                           [ref["response"] for ref in reference])
     return out
+
+
+def kept_where_full_right(suite: "Suite", result: SuiteResult, full: SuiteResult) -> float | None:
+    """Mean score of the suite's quality checks over the (item, check) pairs the full cache gets right (the
+    plain rows, not fix variants); None when it gets none right or the suite has no such checks."""
+    full_by_id = {item["id"]: item for item in full.items}
+    pairs = [(row["scores"][check], full_by_id[row["id"]]["scores"][check])
+             for row in result.items if row.get("meta", {}).get("fix", "none") == "none" and row["id"] in full_by_id
+             for check in row["scores"] if check.startswith(suite.quality_checks) and suite.quality_checks]
+    if not pairs:
+        return None
+    return M.accuracy_where_reference_right(*zip(*pairs))
 
 
 def quality_ratio(suite: "Suite", result: SuiteResult, full: SuiteResult) -> float | None:

@@ -46,7 +46,8 @@ INSTRUCTIONS: dict[str, tuple[str, str, dict]] = {
     "ends_with": ("End it with 'Have a nice day.'", "ends_with", {"phrase": "Have a nice day."}),
     "includes_word": ("Mention the word ocean at least once.", "includes_word", {"word": "ocean"}),
     "excludes_word": ("Never use the word very in your answer.", "excludes_word", {"word": "very"}),
-    "max_words": ("Keep your whole answer within forty words total.", "max_words", {"limit": 40}),
+    # well under the default 48-token answer, so that the check can fail
+    "max_words": ("Keep your whole answer within twenty words total.", "max_words", {"limit": 20}),
     "quoted": ("Wrap your whole answer in double quotation marks.", "quoted", {}),
 }
 CONFLICTS = (("lowercase", "uppercase"), ("lowercase", "starts_with"), ("lowercase", "ends_with"),
@@ -207,6 +208,7 @@ class InstructionsSuite(Suite):
     in_overall = True
     quality_metric = "instruction_pass_rate"
     has_items = True
+    quality_checks = ("instruction:",)
 
     def build_items(self, tokenizer, options: InstructionsOptions) -> list[EvalItem]:
         return build_items(tokenizer, options)

@@ -79,6 +79,7 @@ class ReasoningSuite(Suite):
     in_overall = True
     quality_metric = "accuracy"
     has_items = True
+    quality_checks = ("answer",)
 
     def build_items(self, tokenizer, options: ReasoningOptions) -> list[EvalItem]:
         rng = random.Random(f"{options.seed}:reasoning")

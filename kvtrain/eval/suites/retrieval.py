@@ -143,6 +143,7 @@ class RetrievalSuite(Suite):
     in_overall = True
     quality_metric = "accuracy"
     has_items = True
+    quality_checks = ("answer",)
 
     def build_items(self, tokenizer, options: RetrievalOptions) -> list[EvalItem]:
         from kvtrain.eval.heldout import check_not_in_training
