@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluation suites")
     suites = p.add_subparsers(dest="suite", required=True)
     add_fidelity_parser(suites)
+    from kvtrain.eval.cli import add_eval_parsers
+
+    add_eval_parsers(suites)
     p = suites.add_parser("loyalty", help="KL, top-1 agreement and NLL against the full cache")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", default=None, help="'embedded' (default), a .txt/.jsonl file or a datasets name")

@@ -17,7 +17,6 @@ from kvtrain.errors import UserError
 from kvtrain.models.embedded import EMBEDDED_MODELS, prepare_model
 from kvtrain.models.shape import check_supported
 
-
 # How long to wait for the Hub before saying it cannot be reached (transformers would retry for ~35 s).
 HUB_PROBE_SECONDS = 3.0
 

@@ -8,9 +8,8 @@ import subprocess
 import sys
 import time
 
-from tests.training.conftest import DISTILL, REPO, TINY_ARGS, run_distill, run_env, training_metadata
-
 from kvtrain.io import LOCK_FILE
+from tests.training.conftest import DISTILL, REPO, TINY_ARGS, run_distill, run_env, training_metadata
 
 
 def _args(model_dir, out, *extra):
