@@ -28,6 +28,35 @@ def check_supported(config: PretrainedConfig) -> None:
         )
 
 
+def sliding_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer, the sliding window (keys a query may see, itself included) or None for full attention.
+
+    transformers 5 gives Qwen2/Qwen3 a per-layer `layer_types` list ("sliding_attention" / "full_attention") and
+    gives Mistral one `sliding_window` for every layer (null on Mistral >= v0.2).
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    return [window] * int(config.num_hidden_layers)
+
+
+def check_window(window: int | None, layer: int, columns: int, where: str) -> None:
+    """Refuse a sequence of `columns` tokens (padding included) that reaches past sliding-window layer `layer`'s
+    `window` (None: a full-attention layer, never refused).
+
+    kvtrain's cache and replay attend every kept token, as full attention does, so a sliding-window layer is exact
+    only while its window covers the whole sequence; beyond it the layer is refused by name rather than silently
+    attending tokens the model would not see.
+    """
+    if window is not None and columns > window:
+        raise ValueError(
+            f"{where}: layer {layer} is a sliding-window layer (sliding_window={window}) and the sequence reaches "
+            f"{columns} tokens: kvtrain's cache and replay attend every kept token and do not honour windows; keep "
+            f"sequences within {window} tokens"
+        )
+
+
 def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
