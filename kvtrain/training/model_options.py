@@ -21,6 +21,7 @@ ATTENTION_IMPLEMENTATIONS = (None, "sdpa", "kvtrain")
 # Where every `ModelConfig` field goes. A field TRL adds later is refused when a recipe sets it (`load_options`).
 LOADER_FIELDS = ("model_name_or_path", "model_revision", "dtype", "attn_implementation", "load_in_8bit",
                  "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
+FOUR_BIT_FIELDS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 PEFT_FIELDS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
                "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")
 
@@ -37,11 +38,16 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
 
 def load_options(model_args: ModelConfig) -> dict[str, Any]:
     """Keyword arguments of `kvtrain.models.load_model` for a recipe's model options; unsupported ones refused."""
-    unplaced = [f.name for f in dataclasses.fields(model_args)
-                if f.name not in LOADER_FIELDS + PEFT_FIELDS and getattr(model_args, f.name) != _default(f)]
+    changed = [f.name for f in dataclasses.fields(model_args) if getattr(model_args, f.name) != _default(f)]
+    unplaced = [name for name in changed if name not in LOADER_FIELDS + PEFT_FIELDS]
     if unplaced:
         raise ValueError(f"model option(s) {unplaced} are set but this kvtrain passes them neither to the loader "
                          "nor to PEFT; remove them")
+    for names, switch in ((PEFT_FIELDS[1:], "use_peft"), (FOUR_BIT_FIELDS, "load_in_4bit")):
+        idle = [name for name in changed if name in names]
+        if idle and not getattr(model_args, switch):
+            raise ValueError(f"model option(s) {idle} are set but {switch} is false, so they would do nothing; "
+                             f"set {switch}: true or remove them")
     if model_args.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={model_args.attn_implementation!r}: kvtrain runs the model's attention itself "

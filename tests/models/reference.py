@@ -39,10 +39,11 @@ class Policy:
 @dataclass
 class Captured:
     """One eager forward: per layer the attention probabilities ``[h_q, S, S]``, pre-RoPE queries ``[h_q, S, d]``,
-    post-RoPE keys and values ``[h_kv, S, d]``; logits ``[S, V]``."""
+    pre-RoPE keys, post-RoPE keys and values ``[h_kv, S, d]``; logits ``[S, V]``."""
 
     probs: list[Tensor]
     pre_queries: list[Tensor]
+    pre_keys: list[Tensor]
     keys: list[Tensor]
     values: list[Tensor]
     logits: Tensor
@@ -103,7 +104,8 @@ def eager_forward(model, ids: Tensor, keep: list[Tensor] | None) -> Captured:
     layers = range(len(probs))
     keys = [apply_rotary_pos_emb(pre_k[l][None], pre_k[l][None], cos, sin)[0][0] for l in layers]
     assert all(probs[l].shape[-1] == seq for l in layers), "eager attention did not return its probabilities"
-    return Captured([probs[l] for l in layers], [pre_q[l] for l in layers], keys, [values[l] for l in layers], logits)
+    return Captured([probs[l] for l in layers], [pre_q[l] for l in layers], [pre_k[l] for l in layers], keys,
+                    [values[l] for l in layers], logits)
 
 
 # ---------------------------------------------------------------------------------------------------------- scores
