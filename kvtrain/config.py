@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -243,6 +244,7 @@ class KVCompressionConfig:
             if unknown:
                 fail(f"layers.{idx}", sorted(unknown), f"per-layer overrides may only set {_OVERRIDABLE}")
             self._validate_layer_fields(fail, f"layers.{idx}.", override)
+        self._warn_short_windows(source)
 
     @staticmethod
     def _validate_layer_fields(fail, prefix: str, values: dict[str, Any]) -> None:
@@ -283,6 +285,23 @@ class KVCompressionConfig:
                 expected = cls.param_type_error(name, value)
                 if expected:
                     fail(f"{where}.params.{name}", value, f"must be {expected}")
+
+    def _warn_short_windows(self, source: str) -> None:
+        """Warn where a scorer that accounts for every decoded query sees fewer than an interval of them."""
+        interval = self.schedule.interval
+        settings = [("query_window", self.scorer, self.query_window)] + [
+            (f"layers.{i}.query_window", o.get("scorer", self.scorer), o.get("query_window", self.query_window))
+            for i, o in self.layers.items()
+        ]
+        for where, scorer, window in settings:
+            name = scorer.name if isinstance(scorer, ScorerConfig) else scorer["name"]
+            if SCORERS[name].counts_every_query and window < interval:
+                warnings.warn(
+                    f"{source}: scorer {name!r} accumulates the attention of every decoded query, but "
+                    f"{where}={window} < schedule.interval={interval}: the {interval - window} oldest queries of "
+                    f"each interval are never counted; set {where} >= schedule.interval",
+                    stacklevel=3,
+                )
 
     def _validate_sals(self, fail) -> None:
         sals = self.sals
@@ -410,7 +429,12 @@ class KVCompressionConfig:
         if "compression_ratio" in data and data["compression_ratio"] is not None and "budget" not in data:
             data["budget"] = None
         try:
-            return cls(**data)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                config = cls(**data)
+            for warning in caught:  # said again, naming the file instead of "config"
+                warnings.warn(str(warning.message).replace("config:", f"{source}:", 1), warning.category, stacklevel=2)
+            return config
         except ConfigError as err:
             raise ConfigError(str(err).replace("config:", f"{source}:", 1)) from None
         except (TypeError, ValueError) as err:

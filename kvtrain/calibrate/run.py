@@ -42,7 +42,7 @@ from kvtrain.calibrate.statistics import StatisticsCollector
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.errors import UserError
 from kvtrain.io import atomic_write_bytes, atomic_write_text
-from kvtrain.models.rope import check_default_rope, model_rope
+from kvtrain.models.rope import model_rope
 from kvtrain.models.shape import ModelShape, model_fingerprint
 from kvtrain.quant import plan_bits
 from kvtrain.runtime.routing import observe_attention
@@ -202,8 +202,6 @@ def calibrate(
     settings = CalibrationSettings(**{**asdict(settings or CalibrationSettings()), **overrides})
     fits = _check_fits(fit)
     shape = ModelShape.of(model)
-    if "query-stats" in fits:
-        check_default_rope(model.config, "calibrating query statistics (--fit query-stats)")
     folder = Path(out_dir) / art.ARTIFACT_DIR
     blocks = token_blocks(tokenizer, load_texts(data, split), settings.block_len, settings.num_blocks)
     num_tokens = blocks.numel()
@@ -225,7 +223,7 @@ def calibrate(
     progress_state = state.load()
 
     collector = StatisticsCollector(shape, tuple(_GROUPS[f] for f in fits if f in _GROUPS), settings.n_sink,
-                                    settings.head_entropy_stride, model_rope(model) if "sals" in fits else None)
+                                    settings.head_entropy_stride, model_rope(model, dtype=torch.float32))
     if collector.groups:
         progress_state = _statistics_pass(model, collector, blocks, state, progress_state,
                                           settings.checkpoint_every, progress)

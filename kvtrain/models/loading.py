@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from pathlib import Path
 from typing import Any
@@ -74,25 +75,47 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def load_model(
-    name_or_path: str,
-    *,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[PreTrainedModel, Any]:
-    """Load a supported causal LM and its tokenizer (pad token defaults to EOS), in eval mode."""
+def load_config(name_or_path: str, *, revision: str = "main") -> tuple[str, Any]:
+    """The resolved source (folder or Hub id) and the config of a supported model, read before any weights: a
+    path typo, an unreachable Hub or an unsupported architecture fails here in seconds."""
     source = resolve_model(name_or_path)
     if not Path(source).is_dir():
         check_hub_model_available(source)
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, revision=revision)
     check_supported(config)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    return source, config
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    attn_implementation: str | None = None,
+    device: str | torch.device = "cpu",
+    revision: str = "main",
+    quantization_config: Any = None,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a supported causal LM and its tokenizer (pad token defaults to EOS), in eval mode.
+
+    `dtype` ``"auto"`` keeps the checkpoint's own dtype (``torch_dtype``/``dtype`` of its config.json). `revision`
+    is the Hub branch, tag or commit of config, tokenizer and weights alike. `quantization_config` (a transformers
+    ``BitsAndBytesConfig``) loads the weights quantised onto `device`; it needs bitsandbytes.
+    """
+    if quantization_config is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("a quantised base model (load_in_4bit / load_in_8bit) needs bitsandbytes, which is not "
+                        "installed: pip install bitsandbytes (on a CUDA machine), or load the model unquantised")
+    source, config = load_config(name_or_path, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+            raise UserError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
-    model.to(device)
+    placement = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                        "device_map": {"": torch.device(device)}}
+    model = AutoModelForCausalLM.from_pretrained(
+        source, revision=revision, dtype=dtype, attn_implementation=attn_implementation, **placement
+    )
+    if quantization_config is None:  # bitsandbytes places the weights itself and refuses `.to`
+        model.to(device)
     model.eval()
     return model, tokenizer

@@ -17,6 +17,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from kvtrain.models.rope import RopeFn, default_rope
+
 
 @dataclass
 class ScoreInputs:
@@ -38,8 +40,16 @@ class ScoreInputs:
     scaling: float  # the model's attention scaling (head_dim ** -0.5 for Llama-family models)
     layer_idx: int
     last_event_position: int  # column index of the previous event's last token, -1 before the first event
-    rope_theta: float = 10000.0  # for scorers that reason about future positions (Expected Attention)
+    rope_theta: float = 10000.0  # RoPE base of `rope_tables` when no `rope` is given (tensors made by hand)
     log_votes: Tensor | None = None  # [b, h_kv, n] log vote counts when merging is on, else None
+    rope: RopeFn | None = None  # the model's own rotary embedding (rope scaling included); the runtime sets it
+
+    def rope_tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[b, n, d]`` (float32) of RoPE positions ``[b, n]``, for scorers that rotate or un-rotate
+        queries: the model's rotary embedding (`rope`), else the default RoPE of base `rope_theta`."""
+        rope = self.rope or default_rope(self.queries.shape[-1], self.rope_theta)
+        cos, sin = rope(positions)
+        return cos.float(), sin.float()
 
     @property
     def group_size(self) -> int:
@@ -90,6 +100,8 @@ class Scorer:
     """
 
     name: ClassVar[str] = ""
+    # True for a scorer meant to account for every decoded query (H2O): its window must span an interval.
+    counts_every_query: ClassVar[bool] = False
 
     def __call__(self, inputs: ScoreInputs, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -34,7 +34,9 @@ def load_compressed(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     if (path / ADAPTER_CONFIG).is_file():
         from peft import PeftModel  # only adapters need peft
 
-        base, _ = load_model(metadata["base_model"], dtype=dtype, device=device)
+        # The base weights the adapter was trained on: the recipe's revision, not whatever `main` is now.
+        revision = metadata["arguments"]["model"].get("model_revision") or "main"
+        base, _ = load_model(metadata["base_model"], dtype=dtype, device=device, revision=revision)
         model = PeftModel.from_pretrained(base, str(path)).eval()
         config = base.config
     else:

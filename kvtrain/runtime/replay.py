@@ -28,8 +28,8 @@ from torch import Tensor
 from kvtrain import kernels
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
 from kvtrain.kernels.dispatch import use_kernels
-from kvtrain.models.rope import model_rope, rope_theta
-from kvtrain.models.shape import check_supported
+from kvtrain.models.rope import model_rope
+from kvtrain.models.shape import check_supported, check_window, sliding_windows
 from kvtrain.runtime.attention import attend_with_stored, key_validity
 from kvtrain.runtime.compressor import (
     EventRecord,
@@ -52,10 +52,10 @@ class Replay(Route):
     compressors: list[LayerCompressor | None]
     schedule: ScheduleConfig
     prefill_len: int
-    rope_theta: float
     record: bool
     records: list[list[EventRecord]] = field(default_factory=list)
     sals: SalsRuntime | None = None  # set for a SALS config: its non-dense layers attend by `sals_replay_attention`
+    sliding_windows: list[int | None] | None = None  # the model's per-layer windows (None: all full attention)
 
     def __post_init__(self) -> None:
         self.records = [[] for _ in self.compressors]
@@ -76,6 +76,8 @@ class Replay(Route):
         b, _, seq_len, _ = query.shape
         if seq_len < self.prefill_len:
             raise ValueError(f"replay got a {seq_len}-token sequence but prefill_len={self.prefill_len}")
+        if self.sliding_windows is not None:
+            check_window(self.sliding_windows[layer_idx], layer_idx, seq_len, "replay_compression")
         if self.sals is not None and self.compressors[layer_idx] is not None:
             return sals_replay_attention(self.sals, layer_idx, self.compressors[layer_idx], self.prefill_len, query,
                                          key, value, attention_mask, scaling, position_ids)
@@ -134,7 +136,6 @@ class Replay(Route):
                 tokens_seen=end,
                 last_event_position=last_event,
                 scaling=scaling,
-                rope_theta=self.rope_theta,
             )
             last_event = end - 1
             keysets.append(KeySet.of(stored, end))
@@ -199,8 +200,8 @@ def replay_compression(
     """
     check_supported(model.config)
     use_kvtrain_attention(model)
-    compressors = build_compressors(config, model.config, projections=projections)
-    replay = Replay(compressors, config.schedule, prefill_len, rope_theta(model.config), record)
+    compressors = build_compressors(config, model, projections=projections)
+    replay = Replay(compressors, config.schedule, prefill_len, record, sliding_windows=sliding_windows(model.config))
     if config.sals is not None:
         replay.sals = SalsRuntime.build(config, model.config, model_rope(model))
     with routed(model, replay):

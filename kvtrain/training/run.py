@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import get_peft_model
+from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -28,8 +28,11 @@ from kvtrain.data import load_texts, token_blocks
 from kvtrain.errors import UserError
 from kvtrain.io import OutputLock
 from kvtrain.models import check_positions, load_model, model_fingerprint
+from kvtrain.models.loading import load_config
+from kvtrain.models.shape import check_window, sliding_windows
 from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.model_options import load_options
 from kvtrain.training.output import write_artifacts
 from kvtrain.training.projections import TrainableProjections
 from kvtrain.training.recipe import load_recipe
@@ -167,13 +170,11 @@ def check_sharding(trainer: CompressionDistillationTrainer, distill_args: Distil
             )
 
 
-def _dtype(name: str | None) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.float32
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype (e.g. float32, bfloat16)")
-    return value
+def check_sliding_windows(model_args: ModelConfig, distill_args: DistillationArguments, revision: str) -> None:
+    """Refuse, before the weights load, blocks longer than a sliding-window layer's window (see `check_window`)."""
+    _, config = load_config(model_args.model_name_or_path, revision=revision)
+    for layer, window in enumerate(sliding_windows(config)):
+        check_window(window, layer, distill_args.block_len, f"{model_args.model_name_or_path} with block_len")
 
 
 @dataclass
@@ -212,11 +213,15 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
     resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
-    model, tokenizer = load_model(model_args.model_name_or_path, dtype=_dtype(model_args.dtype))
+    options = load_options(model_args)
+    check_sliding_windows(model_args, distill_args, options["revision"])
+    model, tokenizer = load_model(model_args.model_name_or_path, **options)
     check_positions(model.config, distill_args.block_len, "block_len")
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
     if model_args.use_peft:
+        if "quantization_config" in options:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
         model = get_peft_model(model, get_peft_config(model_args))
         teacher = AdapterDisabledTeacher(model)
     else:

@@ -34,6 +34,7 @@ from kvtrain.config import KVCompressionConfig
 from kvtrain.errors import NonFiniteError
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.io import atomic_write_text
+from kvtrain.models.generation import eos_token_ids
 from kvtrain.runtime.compressor import LayerPairs
 from kvtrain.runtime.decode import position_ids_from_mask
 from kvtrain.runtime.replay import Replay, replay_compression, replay_disabled
@@ -83,6 +84,7 @@ class CompressionDistillationTrainer(Trainer):
         self.projections = projections
         self.run_record = run_record
         _check_head_supported(causal_lm(self.model))
+        _check_no_attention_dropout(causal_lm(self.model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step` with the replay bound over forward *and* backward: under gradient
@@ -117,7 +119,7 @@ class CompressionDistillationTrainer(Trainer):
                     temperature=self.distill_args.on_policy_temperature,
                     seed=self.args.seed + 7919 * self.state.global_step + self.accelerator.process_index,
                     pad_token_id=_pad_id(base, self.processing_class),
-                    eos_token_id=base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else None,
+                    eos_token_ids=eos_token_ids(base),
                     projections=self._current_pairs(),
                 )
         positions = position_ids_from_mask(mask)
@@ -285,7 +287,8 @@ class CompressionDistillationTrainer(Trainer):
 
 
 def _pad_id(model, tokenizer) -> int:
-    for source in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, model.config.eos_token_id):
+    eos = eos_token_ids(model)
+    for source in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, eos[0] if eos else None):
         if isinstance(source, int):
             return source
     raise ValueError("on-policy generation needs a pad token: the tokenizer and the model config define none")
@@ -302,6 +305,14 @@ def _gathered(*weights: Tensor):
 
     with deepspeed.zero.GatheredParameters(partitioned):
         yield
+
+
+def _check_no_attention_dropout(model) -> None:
+    """Refused here, before loyalty and the first step, what the attention function would refuse in training."""
+    dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        raise ValueError(f"{type(model).__name__}: attention_dropout={dropout} in the model config: attention dropout "
+                         "is not supported by kvtrain's compressed cache and replay; set it to 0 in config.json")
 
 
 def _check_head_supported(model) -> None:
