@@ -1,4 +1,4 @@
-"""`kvtrain` command line: prepare-model, generate, quickstart, calibrate, eval (loyalty, fidelity)."""
+"""`kvtrain` command line: prepare-model, generate, quickstart, calibrate, eval (loyalty, fidelity), publish."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from kvtrain.calibrate.cli import add_calibrate_parser
     from kvtrain.eval.fidelity import add_fidelity_parser
+    from kvtrain.hub.cli import add_publish_parser
     from kvtrain.quickstart import QuickstartSettings
 
     parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__)
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the result as JSON")
     KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_eval_loyalty)
+
+    add_publish_parser(sub)
     return parser
 
 

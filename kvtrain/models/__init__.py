@@ -3,7 +3,7 @@ checkpoint, tiny random models for tests."""
 
 from __future__ import annotations
 
-from kvtrain.models.embedded import EMBEDDED_MODELS, KVTRAIN_HOME, embedded_model_dir, prepare_model
+from kvtrain.models.embedded import EMBEDDED_MODELS, EMBEDDED_ORIGINS, KVTRAIN_HOME, embedded_model_dir, prepare_model
 from kvtrain.models.loading import load_model, resolve_model
 from kvtrain.models.shape import (
     SUPPORTED_MODEL_TYPES,
@@ -17,6 +17,7 @@ from kvtrain.models.tiny import tiny_model, tiny_tokenizer
 
 __all__ = [
     "EMBEDDED_MODELS",
+    "EMBEDDED_ORIGINS",
     "KVTRAIN_HOME",
     "SUPPORTED_MODEL_TYPES",
     "ModelShape",
