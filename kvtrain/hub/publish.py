@@ -145,25 +145,27 @@ def published_base(checkpoint: Path, metadata: dict, override: str | None, licen
     """The base model a card names (a Hub id) and its license; refused when another machine could not load it."""
     recorded = metadata.get("base_model")
     embedded = recorded in EMBEDDED_ORIGINS
+    local = not embedded and (not isinstance(recorded, str) or is_local_path(recorded)
+                              or Path(recorded).expanduser().is_dir())
     if override is not None:
         if not REPO_ID.match(override):
             raise PublishError(f"--base-model {override!r}: expected a Hub repo id ORG/NAME")
         hub_id = override
     elif embedded:
         hub_id = EMBEDDED_ORIGINS[recorded][0]
-    elif not isinstance(recorded, str) or is_local_path(recorded) or Path(recorded).expanduser().is_dir():
+    elif local:
         raise PublishError(
             f"{checkpoint / TRAINING_METADATA}: base_model {recorded!r} is a local folder, which other machines "
             "cannot load: pass --base-model ORG/NAME naming the same weights on the Hub"
         )
     else:
         hub_id = recorded
-    license = license or (EMBEDDED_ORIGINS[recorded][1] if embedded and override is None else None) \
-        or _card_license(recorded if isinstance(recorded, str) else None, hub_id)
+    origin_license = EMBEDDED_ORIGINS[recorded][1] if embedded and hub_id == EMBEDDED_ORIGINS[recorded][0] else None
+    license = license or origin_license or _card_license(recorded if local else None, hub_id)
     if not license:
         raise PublishError(f"cannot tell the license of the base model {hub_id} (its model card is not on this "
                            "machine): pass --license, e.g. apache-2.0, mit, llama3.1 or other")
-    return BaseModel(recorded=str(recorded), hub_id=hub_id, license=license, embedded=embedded and override is None)
+    return BaseModel(recorded=str(recorded), hub_id=hub_id, license=license, embedded=embedded, local=local)
 
 
 def _card_license(recorded: str | None, hub_id: str) -> str | None:
@@ -215,7 +217,7 @@ def _plan(checked: CheckedCheckpoint, request: Request, revision: str, base: Bas
             adapter["base_model_name_or_path"] = base.hub_id
             files[ADAPTER_CONFIG] = (json.dumps(adapter, indent=2, sort_keys=True) + "\n").encode()
             notes[ADAPTER_CONFIG] = f"base_model_name_or_path -> {base.hub_id}"
-    if not base.embedded and checked.metadata.get("base_model") != base.hub_id:
+    if base.local:  # the folder training read exists only on this machine: name the Hub copy instead
         metadata = {**checked.metadata, "base_model": base.hub_id}
         files[TRAINING_METADATA] = json.dumps(metadata, indent=2, default=str).encode()
         notes[TRAINING_METADATA] = f"base_model -> {base.hub_id}"
