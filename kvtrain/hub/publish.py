@@ -28,7 +28,7 @@ from pathlib import Path
 
 from kvtrain.artifacts.checkpoint import ARTIFACT_DIR, MANIFEST, TRAINING_METADATA, read_training_metadata
 from kvtrain.hub.card import BaseModel, EvalReport, model_card
-from kvtrain.hub.validate import CheckedCheckpoint, PublishError, check_checkpoint
+from kvtrain.hub.validate import CheckedCheckpoint, PublishError, check_checkpoint, training_step
 from kvtrain.models import EMBEDDED_ORIGINS
 from kvtrain.runtime.pretrained import ADAPTER_CONFIG, is_local_path
 
@@ -122,6 +122,9 @@ def _early_checks(request: Request):
         raise PublishError("--revision and --step-branch both name the branch: pass one")
     if not request.checkpoint.is_dir():
         raise PublishError(f"{request.checkpoint}: no such checkpoint folder")
+    for name in ("prompt_tokens", "new_tokens"):
+        if getattr(request, name) < 1:
+            raise PublishError(f"--{name.replace('_', '-')} {getattr(request, name)}: must be at least 1")
     try:
         metadata = read_training_metadata(request.checkpoint)
     except ValueError as err:
@@ -130,12 +133,11 @@ def _early_checks(request: Request):
     report = read_eval_report(request.eval_report) if request.eval_report is not None else None
     revision = request.revision or "main"
     if request.step_branch:
-        steps = [e["step"] for e in (metadata.get("metrics") or {}).get("log_history") or []
-                 if isinstance(e.get("step"), int)]
-        if not steps:
+        step = training_step(metadata)
+        if step is None:
             raise PublishError(f"{request.checkpoint / TRAINING_METADATA}: no training step recorded; "
                                "--step-branch needs one (or pass --revision)")
-        revision = f"step-{max(steps)}"
+        revision = f"step-{step}"
     if not re.fullmatch(r"[\w.][\w./-]*", revision) or ".." in revision:
         raise PublishError(f"--revision {revision!r}: not a branch name")
     return base, report, revision

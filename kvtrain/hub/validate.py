@@ -60,10 +60,14 @@ class CheckedCheckpoint:
 
     @property
     def step(self) -> int | None:
-        """The training step the weights are from (the last step its log records)."""
-        history = (self.metadata.get("metrics") or {}).get("log_history") or []
-        steps = [entry["step"] for entry in history if isinstance(entry.get("step"), int)]
-        return max(steps) if steps else None
+        return training_step(self.metadata)
+
+
+def training_step(metadata: dict[str, Any]) -> int | None:
+    """The training step the weights are from: the last step the log of ``kvtrain_training.json`` records."""
+    history = (metadata.get("metrics") or {}).get("log_history") or []
+    steps = [entry["step"] for entry in history if isinstance(entry.get("step"), int)]
+    return max(steps) if steps else None
 
 
 def check_checkpoint(folder: str | Path, *, base_model: str | None = None, prompt_tokens: int = 512,
@@ -88,7 +92,10 @@ def check_checkpoint(folder: str | Path, *, base_model: str | None = None, promp
 def measure_cache(loaded: CompressedModel, *, prompt_tokens: int, new_tokens: int, where: Path) -> CacheMeasure:
     """Greedy generation of `new_tokens` after a held-out prompt of `prompt_tokens`, under a fresh compressed
     cache; raises PublishError when a score is not finite."""
-    prompt = token_blocks(loaded.tokenizer, load_texts(None, split="heldout"), prompt_tokens, n_blocks=1)
+    try:
+        prompt = token_blocks(loaded.tokenizer, load_texts(None, split="heldout"), prompt_tokens, n_blocks=1)
+    except ValueError as err:  # the held-out text is shorter than asked
+        raise PublishError(f"--prompt-tokens {prompt_tokens}: {err}") from None
     prompt = prompt.to(loaded.model.device)
     cache = loaded.new_cache()
     out = loaded.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
