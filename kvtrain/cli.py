@@ -1,4 +1,4 @@
-"""`kvtrain` command line: prepare-model, generate, quickstart, calibrate, eval (loyalty, fidelity).
+"""`kvtrain` command line: prepare-model, generate, quickstart, calibrate, eval (loyalty, fidelity), publish.
 
 Every command runs under the error boundary (`kvtrain.errors`): a user error is one line naming the file, field
 or value, with no stack trace unless ``--debug`` (anywhere on the line) or ``KVTRAIN_DEBUG=1``. Commands import
@@ -108,6 +108,7 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from kvtrain.calibrate.cli import add_calibrate_parser
     from kvtrain.eval.fidelity import add_fidelity_parser
+    from kvtrain.hub.cli import add_publish_parser
     from kvtrain.quickstart import QuickstartSettings
 
     parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__,
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the result as JSON")
     KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_eval_loyalty)
+
+    add_publish_parser(sub)
     return parser
 
 

@@ -3,7 +3,7 @@ SmolLM2 checkpoint, tiny random models and tiny twins of the recipe models for t
 
 from __future__ import annotations
 
-from kvtrain.models.embedded import EMBEDDED_MODELS, KVTRAIN_HOME, embedded_model_dir, prepare_model
+from kvtrain.models.embedded import EMBEDDED_MODELS, EMBEDDED_ORIGINS, KVTRAIN_HOME, embedded_model_dir, prepare_model
 from kvtrain.models.generation import eos_token_ids
 from kvtrain.models.loading import load_model, resolve_model
 from kvtrain.models.shape import (
@@ -21,6 +21,7 @@ from kvtrain.models.twins import REAL_MODELS, RECIPE_TWINS, twin_config, twin_mo
 
 __all__ = [
     "EMBEDDED_MODELS",
+    "EMBEDDED_ORIGINS",
     "KVTRAIN_HOME",
     "REAL_MODELS",
     "RECIPE_TWINS",
