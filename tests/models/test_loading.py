@@ -106,12 +106,17 @@ def test_recipe_keys_trl_does_not_have_are_refused_by_name(tmp_path, key):
 
 
 def fake_hub_cache(cache: Path) -> None:
-    """A Hub cache holding two revisions of one repository: `main` (seed 1) and the tag `v2` (seed 2)."""
+    """A Hub cache holding two revisions of one repository: `main` (seed 1) and the tag `v2` (seed 2). `main`'s
+    config has another `rope_theta`, a fingerprinted field: a run that trained `main` while recording `v2` fails
+    the fingerprint check when its adapter is loaded onto `v2`."""
     repo = cache / "models--kvtrain-test--twin"
     for revision, commit, seed in (("main", "1" * 40, 1), ("v2", "2" * 40, 2)):
-        saved_twin(repo / "snapshots" / commit, seed=seed)
+        folder = saved_twin(repo / "snapshots" / commit, seed=seed)
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / revision).write_text(commit)
+    config = json.loads((folder.parent / ("1" * 40) / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] *= 2
+    (folder.parent / ("1" * 40) / "config.json").write_text(json.dumps(config))
 
 
 CHECK_BASE = """
