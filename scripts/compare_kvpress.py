@@ -1,0 +1,361 @@
+"""Side by side with NVIDIA kvpress: Expected Attention, TOVA and StreamingLLM on identical prompts, layer by layer.
+
+kvpress pins an older transformers, so its side runs in its own virtual environment (`scripts/kvpress_side.py`)
+on prompts this script exports. Four steps:
+
+    python scripts/compare_kvpress.py export --work /tmp/kvpress_compare
+    /work/venvs/kvpress/bin/python scripts/kvpress_side.py --model ~/.cache/kvtrain/models/smollm2-135m \
+        --prompts /tmp/kvpress_compare/prompts.jsonl --out /tmp/kvpress_compare/kvpress.pt
+    python scripts/compare_kvpress.py ours --work /tmp/kvpress_compare
+    python scripts/compare_kvpress.py report --work /tmp/kvpress_compare --out benchmarks/kvpress
+
+Protocol (both sides): held-out windows of the embedded text, a 1,024-token context compressed once at prefill,
+its 64-token real continuation teacher-forced one token at a time; KL(full || compressed) per continuation token
+against the full-cache logits of the same model in the same environment. Each of our variants is a scorer
+setting run under one of two protocols:
+
+- ``bench``: our loyalty benchmark's (`scripts/bench_loyalty.py`): ``compression_ratio`` (kept = ceil), the
+  default protected 4 sinks and 16 recent tokens;
+- ``kvpress``: kvpress's: kept = int(n * (1 - ratio)), and only what the press itself forces is protected
+  (4 sinks for Expected Attention and StreamingLLM, the last token for TOVA).
+
+Per layer we record each side's scores ``[h_kv, n]`` and kept positions ``[h_kv, k]``; the report gives the
+keep-set Jaccard overlap and the Spearman correlation of the scores with kvpress's, per layer and KV head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import subprocess
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from kvtrain.attention import use_kvtrain_attention
+from kvtrain.cache import CompressedCache
+from kvtrain.config import KVCompressionConfig
+from kvtrain.data import load_texts, token_blocks
+from kvtrain.eval.loyalty import continuation_metrics
+from kvtrain.eval.report import markdown_table, provenance, provenance_lines
+from kvtrain.generation import teacher_forced_decode
+from kvtrain.io import atomic_write_text
+from kvtrain.models import load_model
+from kvtrain.replay import replay_compression
+
+CONTEXT_LEN, CONTINUATION_LEN = 1024, 64
+RATIOS = (0.5, 0.75, 0.9)
+# What each press forces into the cache whatever its score: (sinks, recent).
+KVPRESS_FORCED = {"expected_attention": (4, 0), "tova": (0, 1), "streaming": (4, 0)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One of our settings: a scorer (name, params), a query window and a protocol ("bench" or "kvpress")."""
+
+    policy: str
+    params: tuple[tuple[str, object], ...] = ()
+    query_window: int = 16
+    protocol: str = "bench"
+
+    def config(self, ratio: float) -> KVCompressionConfig:
+        data = {"scorer": {"name": self.policy, "params": dict(self.params)}, "query_window": self.query_window}
+        if self.protocol == "bench":
+            data.update(budget=None, compression_ratio=ratio)
+        else:
+            sinks, recent = KVPRESS_FORCED[self.policy]
+            data.update(budget=int(CONTEXT_LEN * (1 - ratio)), sinks=sinks, recent=recent)
+        return KVCompressionConfig.from_dict(data)
+
+
+OLD_EA = (("n_sink", 0),)  # the Expected Attention default before this comparison
+VARIANTS = {
+    "ea: before (128 queries)": Variant("expected_attention", OLD_EA, 128),
+    "ea: 128 queries, n_sink 4": Variant("expected_attention", (("n_sink", 4),), 128),
+    "ea: before, kvpress protocol": Variant("expected_attention", OLD_EA, 128, "kvpress"),
+    "ea: all prompt queries": Variant("expected_attention", OLD_EA, CONTEXT_LEN),
+    "ea: all prompt queries, kvpress protocol": Variant("expected_attention", OLD_EA, CONTEXT_LEN, "kvpress"),
+    "ea: kvpress settings (n_sink 4)": Variant("expected_attention", (("n_sink", 4),), CONTEXT_LEN),
+    "ea: kvpress settings, kvpress protocol": Variant("expected_attention", (("n_sink", 4),), CONTEXT_LEN, "kvpress"),
+    "tova: before (per KV group)": Variant("tova", (("heads", "group"),)),
+    "tova: per KV group, kvpress protocol": Variant("tova", (("heads", "group"),), protocol="kvpress"),
+    "tova: all heads": Variant("tova", (("heads", "all"),)),
+    "tova: all heads, kvpress protocol": Variant("tova", (("heads", "all"),), protocol="kvpress"),
+    "streaming: before": Variant("streaming"),
+    "streaming: kvpress protocol": Variant("streaming", protocol="kvpress"),
+}
+# Per policy, the variants reported as "before" and "after" this comparison.
+HEADLINE = {
+    "expected_attention": ("ea: before (128 queries)", "ea: before (128 queries)"),
+    "tova": ("tova: before (per KV group)", "tova: before (per KV group)"),
+    "streaming": ("streaming: before", "streaming: before"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- export
+def export(work: Path, windows: int) -> None:
+    _, tokenizer = load_model("smollm2-135m")
+    blocks = token_blocks(tokenizer, load_texts(None, split="heldout"), CONTEXT_LEN + CONTINUATION_LEN, n_blocks=windows)
+    lines = [json.dumps({"window": i, "context_len": CONTEXT_LEN, "ids": row.tolist()}) for i, row in enumerate(blocks)]
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "prompts.jsonl", "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- our side
+def cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+
+class RecordingScorer:
+    """Wraps a layer's scorer to keep the scores of its first event (the prefill), batch row 0."""
+
+    def __init__(self, scorer):
+        self.scorer, self.scores = scorer, None
+
+    def __call__(self, inputs, state):
+        scores, new_state = self.scorer(inputs, state)
+        if self.scores is None:
+            self.scores = scores[0].float().cpu()
+        return scores, new_state
+
+
+def recorders_for(compressors) -> list[RecordingScorer]:
+    recorders = []
+    for compressor in compressors:
+        compressor.scorer = RecordingScorer(compressor.scorer)
+        recorders.append(compressor.scorer)
+    return recorders
+
+
+def compressed_run(model, config: KVCompressionConfig, ids: torch.Tensor, method: str) -> tuple[torch.Tensor, list]:
+    """Logits predicting the continuation, and per layer the scores and kept positions of the prefill event.
+
+    ``cache`` prefills a `CompressedCache` and feeds the continuation one token at a time; ``replay`` computes the
+    same logits in one forward (`replay_compression`, equal to step-by-step decoding by the parity tests).
+    """
+    if method == "cache":
+        cache = CompressedCache.for_model(model, config, record=True)
+        recorders = recorders_for(layer.compressor for layer in cache.layers)
+        logits = teacher_forced_decode(model, cache, ids, prefill_len=CONTEXT_LEN)
+        records = cache.records
+    else:
+        with replay_compression(model, config, prefill_len=CONTEXT_LEN, record=True) as replay:
+            recorders = recorders_for(replay.compressors)
+            logits = model(input_ids=ids, use_cache=False).logits
+        records = replay.records
+    layers = [{"scores": rec.scores, "kept": events[0].kept[0].cpu()} for rec, events in zip(recorders, records)]
+    return logits[0, CONTEXT_LEN - 1 : -1], layers
+
+
+@torch.no_grad()
+def run_ours(work: Path, names: list[str], ratios: list[float], windows: int, method: str) -> None:
+    info = {**provenance(), "cpu": cpu_model(), "method": method}  # the code measured: what is committed at the start
+    model, _ = load_model("smollm2-135m")
+    use_kvtrain_attention(model)  # the full-cache reference runs through it too, as in `evaluate_loyalty`
+    prompts = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()][:windows]
+    runs = {}
+    for window, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt["ids"]])
+        full = model(input_ids=ids).logits[0, CONTEXT_LEN - 1 : -1]
+        for name in names:
+            for ratio in ratios:
+                comp, layers = compressed_run(model, VARIANTS[name].config(ratio), ids, method)
+                per_token = continuation_metrics(full, comp, ids[0, CONTEXT_LEN:])
+                runs[(name, ratio, window)] = {**per_token, "layers": layers}
+                print(f"window {window} {name} {ratio}: kl {per_token['kl'].mean():.5f}", flush=True)
+    versions = {name: version(name) for name in ("kvtrain", "transformers", "torch")}
+    torch.save({"provenance": info, "versions": versions, "runs": runs}, work / f"ours_{method}.pt")
+
+
+# ----------------------------------------------------------------------------------------------- report
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = [x.argsort().argsort().double() for x in (a, b)]
+    ranks = [r - r.mean() for r in ranks]
+    return float((ranks[0] @ ranks[1]) / (ranks[0].norm() * ranks[1].norm()))
+
+
+def layer_agreement(ours: dict, theirs: dict, policy: str) -> tuple[float, float]:
+    """Mean over KV heads of the keep-set Jaccard overlap and of the Spearman correlation of the scores, leaving
+    out the tokens a press forces in (their scores are placeholders on both sides)."""
+    sinks, recent = KVPRESS_FORCED[policy]
+    n = theirs["scores"].shape[-1]
+    free = slice(sinks, n - recent)
+    jaccards, correlations = [], []
+    for head in range(theirs["kept"].shape[0]):
+        a, b = set(ours["kept"][head].tolist()) - {-1}, set(theirs["kept"][head].tolist())
+        jaccards.append(len(a & b) / len(a | b))
+        if policy != "streaming":  # its scores are positions on our side, 0/1 on kvpress's
+            correlations.append(spearman(ours["scores"][head, free], theirs["scores"][head, free]))
+    return sum(jaccards) / len(jaccards), (sum(correlations) / len(correlations) if correlations else float("nan"))
+
+
+def window_kls(runs: dict, name: str, ratio: float, windows: list[int]) -> torch.Tensor:
+    """Per window, the mean KL over the continuation tokens."""
+    return torch.tensor([float(runs[(name, ratio, w)]["kl"].mean()) for w in windows])
+
+
+def variant_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[float]) -> tuple[list[dict], list[dict]]:
+    """One row per (variant, ratio) against kvpress, and one per (variant, ratio, layer)."""
+    rows, layer_rows = [], []
+    for name in dict.fromkeys(n for n, _, _ in runs):
+        policy = VARIANTS[name].policy
+        for ratio in ratios:
+            ours, theirs = window_kls(runs, name, ratio, windows), window_kls(kv_runs, policy, ratio, windows)
+            agreement = torch.tensor(
+                [
+                    [layer_agreement(o, t, policy) for o, t in zip(runs[(name, ratio, w)]["layers"], kv_runs[(policy, ratio, w)]["layers"])]
+                    for w in windows
+                ]
+            ).mean(dim=0)  # [layers, (jaccard, spearman)]
+            rows.append(
+                {
+                    "variant": name,
+                    "ratio": ratio,
+                    "kl": float(ours.mean()),
+                    "kl_std": float(ours.std()),
+                    "kl / kvpress": float(ours.mean() / theirs.mean()),
+                    "windows_lower": f"{int((ours < 0.999 * theirs).sum())}/{len(windows)}",
+                    "jaccard": float(agreement[:, 0].mean()),
+                    "min_layer_jaccard": float(agreement[:, 0].min()),
+                    "spearman": float(agreement[:, 1].mean()),
+                }
+            )
+            layer_rows += [
+                {"variant": name, "ratio": ratio, "layer": i, "jaccard": j, "spearman": c}
+                for i, (j, c) in enumerate(agreement.tolist())
+            ]
+    return rows, layer_rows
+
+
+def headline_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[float]) -> list[dict]:
+    """Per policy and ratio: our KL before and after this comparison, and kvpress's (mean and std over windows)."""
+    rows = []
+    ran = {name for name, _, _ in runs}
+    for policy, (before, after) in HEADLINE.items():
+        if not {before, after} <= ran:
+            continue
+        for ratio in ratios:
+            kls = {
+                "before": window_kls(runs, before, ratio, windows),
+                "after": window_kls(runs, after, ratio, windows),
+                "kvpress": window_kls(kv_runs, policy, ratio, windows),
+            }
+            row = {"policy": policy, "ratio": ratio}
+            for side, kl in kls.items():
+                row[f"kl_{side}"], row[f"std_{side}"] = float(kl.mean()), float(kl.std())
+            row["before / kvpress"] = row["kl_before"] / row["kl_kvpress"]
+            row["after / kvpress"] = row["kl_after"] / row["kl_kvpress"]
+            rows.append(row)
+    return rows
+
+
+def report(work: Path, out: Path, method: str) -> None:
+    ours, theirs = torch.load(work / f"ours_{method}.pt"), torch.load(work / "kvpress.pt")
+    runs, kv_runs = ours["runs"], theirs["runs"]
+    windows = sorted({w for _, _, w in runs})  # our run may cover fewer windows, ratios or variants
+    ratios = sorted({r for _, r, _ in runs})
+    headline = headline_rows(runs, kv_runs, windows, ratios)
+    rows, layer_rows = variant_rows(runs, kv_runs, windows, ratios)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.csv", to_csv(headline))
+    atomic_write_text(out / "variants.csv", to_csv(rows))
+    atomic_write_text(out / "per_layer.csv", to_csv(layer_rows))
+    if headline:
+        plot(headline, out / "kl.png")
+    nll_gap = max(
+        float((runs[(n, r, w)]["nll_full"] - kv_runs[(VARIANTS[n].policy, r, w)]["nll_full"]).abs().max())
+        for n, r, w in runs
+    )
+    header = (
+        "# kvtrain vs NVIDIA kvpress: Expected Attention, TOVA, StreamingLLM on SmolLM2-135M-Instruct\n\n"
+        + provenance_lines(ours["provenance"])
+        + f"- ours: {ours['versions']}\n- kvpress side: {theirs['versions']}\n"
+        f"- data: {len(windows)} disjoint held-out windows of the embedded text; a {CONTEXT_LEN}-token context "
+        f"compressed once at prefill, its {CONTINUATION_LEN}-token real continuation teacher-forced one token at a "
+        "time; fp32, batch 1\n"
+        "- kl = mean over windows of the mean KL(full || compressed) per continuation token (nats), each side "
+        f"against its own full-cache logits (the two environments' full-cache NLLs differ by at most {nll_gap:.1e})\n"
+        "- std = standard deviation of the per-window KL over the windows\n\n"
+        "Produced by `scripts/compare_kvpress.py` (see its docstring for the commands).\n\n"
+    )
+    body = (
+        "## Before, after, kvpress\n\n"
+        + "".join(f"- {policy}: before = `{b}`, after = `{a}`\n" for policy, (b, a) in HEADLINE.items())
+        + "\n"
+        + markdown_table(headline)
+        + "\n## Every variant against kvpress\n\n"
+        "jaccard = keep-set overlap with kvpress's, mean over layers, KV heads and windows (min_layer_jaccard: the "
+        "worst layer); spearman = rank correlation of the scores with kvpress's over the tokens neither side forces; "
+        "windows_lower = windows where our KL is more than 0.1% below kvpress's. Per layer: `per_layer.csv`.\n\n"
+        + markdown_table(rows)
+    )
+    why = out / "why.md"
+    atomic_write_text(out / "results.md", header + body + ("\n" + why.read_text() if why.exists() else ""))
+    print(header + body)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(1, len(policies), figsize=(4 * len(policies), 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, policy in zip(axes, policies):
+        mine = [r for r in rows if r["policy"] == policy]
+        ratios = [r["ratio"] for r in mine]
+        for side in ("before", "after", "kvpress"):
+            ax.errorbar(ratios, [r[f"kl_{side}"] for r in mine], yerr=[r[f"std_{side}"] for r in mine],
+                        marker="o", capsize=3, label="kvpress" if side == "kvpress" else f"ours, {side}")
+        ax.set_title(policy)
+        ax.set_xlabel("fraction of the context evicted")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("KL(full || compressed), nats/token")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["export", "ours", "report"])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/kvpress_compare"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/kvpress"))
+    parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--method", choices=["cache", "replay"], default="replay")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.stage == "export":
+        export(args.work, args.windows)
+    elif args.stage == "ours":
+        run_ours(args.work, args.variants, args.ratios, args.windows, args.method)
+    else:
+        report(args.work, args.out, args.method)
+
+
+if __name__ == "__main__":
+    main()
