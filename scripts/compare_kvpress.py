@@ -202,6 +202,11 @@ def window_kls(runs: dict, name: str, ratio: float, windows: list[int]) -> torch
     return torch.tensor([float(runs[(name, ratio, w)]["kl"].mean()) for w in windows])
 
 
+def ratio_range(ratios: torch.Tensor) -> str:
+    """Min-max of per-window KL ratios: a difference is real only if the range stays on one side of 1."""
+    return f"{float(ratios.min()):.2f}-{float(ratios.max()):.2f}"
+
+
 def variant_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[float]) -> tuple[list[dict], list[dict]]:
     """One row per (variant, ratio) against kvpress, and one per (variant, ratio, layer)."""
     rows, layer_rows = [], []
@@ -222,6 +227,7 @@ def variant_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[flo
                     "kl": float(ours.mean()),
                     "kl_std": float(ours.std()),
                     "kl / kvpress": float(ours.mean() / theirs.mean()),
+                    "per-window ratio": ratio_range(ours / theirs),
                     "windows_lower": f"{int((ours < 0.999 * theirs).sum())}/{len(windows)}",
                     "jaccard": float(agreement[:, 0].mean()),
                     "min_layer_jaccard": float(agreement[:, 0].min()),
@@ -251,8 +257,9 @@ def headline_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[fl
             row = {"policy": policy, "ratio": ratio}
             for side, kl in kls.items():
                 row[f"kl_{side}"], row[f"std_{side}"] = float(kl.mean()), float(kl.std())
-            row["before / kvpress"] = row["kl_before"] / row["kl_kvpress"]
-            row["after / kvpress"] = row["kl_after"] / row["kl_kvpress"]
+            for side in ("before", "after"):
+                row[f"{side} / kvpress"] = row[f"kl_{side}"] / row["kl_kvpress"]
+                row[f"{side} / kvpress per window"] = ratio_range(kls[side] / kls["kvpress"])
             rows.append(row)
     return rows
 
