@@ -2,7 +2,7 @@
 
 The names most programs need are importable from here, as kvpress users are used to::
 
-    from kvtrain import CompressedCache, KVCompressionConfig, load_model, replay_compression
+    from kvtrain import CompressedCache, KVCompressionConfig, from_pretrained, load_model, replay_compression
 
 They are resolved on first use (PEP 562), so `import kvtrain.config` stays light and importing the package
 never imports the training or evaluation stacks.
@@ -17,20 +17,24 @@ __version__ = "0.1.0"
 
 # public name -> module defining it
 _PUBLIC = {
-    "CompressedCache": "kvtrain.cache",
+    "CompressedCache": "kvtrain.runtime.cache",
+    "replay_compression": "kvtrain.runtime.replay",
+    "replay_disabled": "kvtrain.runtime.replay",
+    "teacher_forced_decode": "kvtrain.runtime.decode",
+    "observe_attention": "kvtrain.runtime.routing",
+    "use_kvtrain_attention": "kvtrain.runtime.routing",
+    "load_compressed": "kvtrain.runtime.pretrained",
+    "from_pretrained": "kvtrain.runtime.pretrained",
+    "CompressedModel": "kvtrain.runtime.pretrained",
     "KVCompressionConfig": "kvtrain.config",
     "ConfigError": "kvtrain.config",
     "KVCompressionArguments": "kvtrain.arguments",
-    "replay_compression": "kvtrain.replay",
-    "replay_disabled": "kvtrain.replay",
-    "teacher_forced_decode": "kvtrain.generation",
-    "use_kvtrain_attention": "kvtrain.attention",
     "load_model": "kvtrain.models",
+    "prepare_model": "kvtrain.models",
     "tiny_model": "kvtrain.models",
     "tiny_tokenizer": "kvtrain.models",
-    "load_compressed": "kvtrain.training.artifacts",
+    "load_artifacts": "kvtrain.artifacts.calibration",
     "calibrate": "kvtrain.calibrate.run",
-    "load_artifacts": "kvtrain.calibrate.artifacts",
     "evaluate_loyalty": "kvtrain.eval.loyalty",
 }
 

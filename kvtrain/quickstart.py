@@ -20,10 +20,11 @@ from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, print_table
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model, prepare_model
-from kvtrain.training.artifacts import load_compressed
+from kvtrain.runtime.pretrained import load_compressed
 from kvtrain.training.run import main as distill
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "distill" / "gkv.yaml"
+# Package data (`kvtrain/recipes` is the top-level recipes/ folder), so the quickstart runs from any directory.
+RECIPE = Path(__file__).resolve().parent / "recipes" / "smollm2-135m" / "distill" / "gkv.yaml"
 RECIPE_BUDGET = 128  # the recipe's kv_budget: the mean the calibrated per-layer budgets keep
 
 
@@ -113,7 +114,7 @@ def run_quickstart(settings: QuickstartSettings) -> Path:
         + f"\nKL reduced by **{summary['kl_reduction']:.0%}**. Time (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
         + f".\n\nThe distilled model (adapter + `kv_compression/`) is in `{folder}`; load it with "
-        "`kvtrain.training.load_compressed`. Training loss: `loss.png`.\n",
+        "`kvtrain.load_compressed`. Training loss: `loss.png`.\n",
     )
     print_table(rows, title="loyalty to the full-cache model (continuation tokens)")
     print(f"KL reduced by {summary['kl_reduction']:.0%}; report: {out / 'report.md'}")

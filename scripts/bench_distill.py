@@ -31,7 +31,7 @@ from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
-from kvtrain.training.artifacts import load_compressed
+from kvtrain.runtime.pretrained import load_compressed
 from kvtrain.training.run import main as distill
 
 RECIPES = "recipes/smollm2-135m/distill"

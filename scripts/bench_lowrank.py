@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from kvtrain.attention import observe_attention
-from kvtrain.calibrate import calibrate
 from kvtrain.calibrate.fit import RankChoice, fit_projections, kqsvd_spectra, o_proj_weights
-from kvtrain.calibrate.statistics import ModelShape, StatisticsCollector
+from kvtrain.calibrate.run import calibrate
+from kvtrain.calibrate.statistics import StatisticsCollector
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.fidelity import FidelityVariant, evaluate_fidelity, summarise
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
@@ -31,6 +30,8 @@ from kvtrain.io import atomic_write_text
 from kvtrain.lowrank import allocate_ranks, kq_objective
 from kvtrain.lowrank.kqsvd import output_gram
 from kvtrain.models import load_model
+from kvtrain.models.shape import ModelShape
+from kvtrain.runtime.routing import observe_attention
 
 METHODS = ("kqsvd", "ksvd", "eigen")
 ALL_GROUPS = ("grams", "query_stats", "head_behaviour")

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig, MergeConfig, ScorerConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
+from kvtrain.runtime.cache import CompressedCache
 
 # name -> config fields besides the ratio (kvpress convention: the fraction evicted).
 POLICIES = {  # every scorer that reads attention sees the same 128 most recent queries

@@ -13,6 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
+from kvtrain.artifacts.quant_plan import QuantPlan, read_quant_plan, write_quant_plan
 from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
@@ -20,7 +21,6 @@ from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
-from kvtrain.quant.bitplan import QuantPlan, read_quant_plan, write_quant_plan
 
 
 def quant_config(**quant) -> KVCompressionConfig:

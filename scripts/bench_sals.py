@@ -21,17 +21,18 @@ from pathlib import Path
 
 import torch
 
-from kvtrain.attention import observe_attention
-from kvtrain.calibrate import calibrate
-from kvtrain.calibrate.sals_basis import SALS_BASIS, read_sals_basis
+from kvtrain.artifacts.sals_basis import SALS_BASIS, read_sals_basis
+from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig, SalsConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
-from kvtrain.lowrank.sals import compress_keys, latent_queries, latent_scores, model_rope, unrotate
+from kvtrain.lowrank.sals import compress_keys, latent_queries, latent_scores
 from kvtrain.models import head_dim, load_model
-from kvtrain.sals_runtime import head_summed_scores
+from kvtrain.models.rope import model_rope, unrotate
+from kvtrain.runtime.routing import observe_attention
+from kvtrain.runtime.sals.runtime import head_summed_scores
 
 FRACTIONS = {"SALS-25%": 0.25, "SALS-12.5%": 0.125}
 SELECTORS = {"latent": "SALS (latent top-k)", "exact": "oracle (exact post-RoPE top-k)", "recent": "sinks + recent"}

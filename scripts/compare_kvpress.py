@@ -36,16 +36,16 @@ from pathlib import Path
 
 import torch
 
-from kvtrain.attention import use_kvtrain_attention
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.loyalty import continuation_metrics
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
-from kvtrain.generation import teacher_forced_decode
 from kvtrain.io import atomic_write_text
 from kvtrain.models import load_model
-from kvtrain.replay import replay_compression
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.decode import teacher_forced_decode
+from kvtrain.runtime.replay import replay_compression
+from kvtrain.runtime.routing import use_kvtrain_attention
 
 CONTEXT_LEN, CONTINUATION_LEN = 1024, 64
 RATIOS = (0.5, 0.75, 0.9)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig, MergeConfig, ScheduleConfig, ScorerConfig
-from kvtrain.generation import position_ids_from_mask, teacher_forced_decode
 from kvtrain.models import tiny_model
 from kvtrain.policies import SCORERS
-from kvtrain.replay import replay_compression
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.decode import position_ids_from_mask, teacher_forced_decode
+from kvtrain.runtime.replay import replay_compression
 
 SEQ, PREFILL = 70, 40
 

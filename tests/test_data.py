@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 
 from kvtrain.data import embedded_text, load_texts, token_blocks
 from kvtrain.models import tiny_tokenizer

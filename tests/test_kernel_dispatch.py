@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import kvtrain.kernels
-from kvtrain.attention import KERNELS_ENV, use_kernels
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig, MergeConfig, ScheduleConfig, ScorerConfig
-from kvtrain.generation import position_ids_from_mask, teacher_forced_decode
+from kvtrain.kernels.dispatch import KERNELS_ENV, use_kernels
 from kvtrain.models import tiny_model
-from kvtrain.replay import replay_compression
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.decode import position_ids_from_mask, teacher_forced_decode
+from kvtrain.runtime.replay import replay_compression
 
 pytestmark = pytest.mark.triton
 

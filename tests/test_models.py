@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from kvtrain.data import embedded_text
+from kvtrain.io import write_folder_atomically as write_atomically
 from kvtrain.models import (
     SUPPORTED_MODEL_TYPES,
     check_supported,
@@ -21,7 +22,6 @@ from kvtrain.models import (
     resolve_model,
     tiny_model,
     tiny_tokenizer,
-    write_atomically,
 )
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")

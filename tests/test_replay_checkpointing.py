@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
-from kvtrain.attention import observe_attention, use_kvtrain_attention
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
-from kvtrain.generation import position_ids_from_mask
 from kvtrain.models import tiny_model, tiny_tokenizer
-from kvtrain.replay import replay_compression, replay_disabled
+from kvtrain.runtime.decode import position_ids_from_mask
+from kvtrain.runtime.replay import replay_compression, replay_disabled
+from kvtrain.runtime.routing import observe_attention, use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.teacher import AdapterDisabledTeacher
 from kvtrain.training.trainer import CompressionDistillationTrainer

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvtrain.cache import CompressedCache
-from kvtrain.calibrate import calibrate
+from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig, QuantConfig, SalsConfig, ScheduleConfig
-from kvtrain.generation import teacher_forced_decode
 from kvtrain.models import tiny_model, tiny_tokenizer
-from kvtrain.replay import replay_compression
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.decode import teacher_forced_decode
+from kvtrain.runtime.replay import replay_compression
 from tests.test_cache_replay import run_both
 
 SEQ, PREFILL, H_KV, H_Q, D, LAYERS = 70, 40, 2, 6, 16, 3
@@ -187,7 +187,7 @@ def test_nbytes_is_the_bytes_held(llama, basis_file, tokens, quant):
 
 
 def test_gradient_reaches_k_proj_through_the_reconstructed_keys(llama, basis_file, tokens, monkeypatch):
-    import kvtrain.sals_replay as sals_replay
+    import kvtrain.runtime.sals.replay as sals_replay
 
     config = sals_config(basis_file)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig, MergeConfig, ScheduleConfig, ScorerConfig
 from kvtrain.data import load_texts, token_blocks
-from kvtrain.generation import teacher_forced_decode
 from kvtrain.policies import SCORERS
-from kvtrain.replay import replay_compression
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.decode import teacher_forced_decode
+from kvtrain.runtime.replay import replay_compression
 
 pytestmark = pytest.mark.slow
 

@@ -1,22 +1,6 @@
-"""Calibration: statistics from plain forwards, fitted projections / bit plans / query statistics / head
-budgets, written as artifacts under ``DIR/kv_compression/`` and loaded back with `load_artifacts`."""
+"""Calibration: one streamed, checkpointed pass of statistics over plain forwards (`statistics`, `run`), the fits
+(`fit`, `head_budgets`, `sensitivity`), written through `kvtrain.artifacts` under ``DIR/kv_compression/``.
 
-from __future__ import annotations
-
-from kvtrain.calibrate.artifacts import CalibrationArtifacts, load_artifacts
-from kvtrain.calibrate.cli import add_calibrate_parser
-from kvtrain.calibrate.fit import METHODS, Projections, RankChoice, fit_projections
-from kvtrain.calibrate.run import FITS, CalibrationSettings, calibrate
-
-__all__ = [
-    "FITS",
-    "METHODS",
-    "CalibrationArtifacts",
-    "CalibrationSettings",
-    "Projections",
-    "RankChoice",
-    "add_calibrate_parser",
-    "calibrate",
-    "fit_projections",
-    "load_artifacts",
-]
+Importing this package imports nothing else: the job is `kvtrain.calibrate.run.calibrate`, the command line
+`kvtrain.calibrate.cli`.
+"""

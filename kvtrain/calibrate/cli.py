@@ -1,4 +1,4 @@
-"""``kvtrain calibrate``: the argparse sub-command (the lead wires `add_calibrate_parser` into kvtrain.cli)."""
+"""``kvtrain calibrate``: the argparse sub-command (`kvtrain.cli` adds it with `add_calibrate_parser`)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from kvtrain.calibrate.fit import METHODS
+from kvtrain.artifacts.projections import METHODS
+from kvtrain.calibrate.run import DEFAULT_FITS, FITS, CalibrationSettings, calibrate
+from kvtrain.io import check_writable
+from kvtrain.models import load_model
 
 
 def _fit_list(text: str) -> list[str]:
-    from kvtrain.calibrate.run import FITS
-
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = sorted(set(names) - set(FITS))
     if unknown or not names:
@@ -21,8 +22,6 @@ def _fit_list(text: str) -> list[str]:
 
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``calibrate`` to ``subparsers`` (from `argparse.ArgumentParser.add_subparsers`)."""
-    from kvtrain.calibrate.run import DEFAULT_FITS, FITS, CalibrationSettings
-
     defaults = CalibrationSettings()
     p = subparsers.add_parser(
         "calibrate", help="fit KQ-SVD projections, query statistics, head budgets, a TaDA bit plan, a SALS basis",
@@ -62,9 +61,7 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from kvtrain.calibrate.run import CalibrationSettings, calibrate
-    from kvtrain.models import load_model
-
+    check_writable(args.out, "--out", folder=True)
     settings = CalibrationSettings(**{f.name: getattr(args, f.name) for f in fields(CalibrationSettings)})
     model, tokenizer = load_model(args.model)
     folder = calibrate(model, tokenizer, out_dir=args.out, data=args.data, split=args.split, fit=args.fit,

@@ -1,4 +1,5 @@
-"""Low-rank projections from calibration Grams: method choice, per-layer ranks, keys and values.
+"""Fitting calibration artifacts from the collected statistics: low-rank projections (method, per-layer ranks,
+keys and values) and SALS bases.
 
 Ranks are chosen on the KQ-SVD spectra whatever the method, so that methods compare at equal ranks (as the
 official KQ-SVD code reuses one rank set): the key side uses the singular values of ``K Q^T`` (group queries
@@ -22,37 +23,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvtrain.artifacts.projections import METHODS, LowRankPair, Projections
+from kvtrain.artifacts.sals_basis import SalsBasis
 from kvtrain.lowrank import (
     GramAccumulator,
-    LowRankPair,
+    JointKeyGramAccumulator,
     ValueGramAccumulator,
     allocate_ranks,
     energy_rank,
     fit_eigen_attention,
     fit_kqsvd,
     fit_ksvd,
+    fit_sals_basis,
     fit_value_projection,
 )
 from kvtrain.lowrank.kqsvd import output_gram
-
-METHODS = ("kqsvd", "ksvd", "eigen")
-
-
-@dataclass
-class Projections:
-    """Per layer key pair (``a = A``, ``b = B``) and value pair (``a = A_v``, ``b = B_v``), ``[h_kv, d, r_l]``."""
-
-    method: str
-    keys: list[LowRankPair]
-    values: list[LowRankPair]
-
-    @property
-    def key_ranks(self) -> list[int]:
-        return [p.rank for p in self.keys]
-
-    @property
-    def value_ranks(self) -> list[int]:
-        return [p.rank for p in self.values]
 
 
 @dataclass(frozen=True)
@@ -153,3 +138,8 @@ def check_calibration_tokens(num_tokens: int, choices: dict[str, RankChoice]) ->
                 f"{side} rank={choice.rank} needs at least {choice.rank} calibration tokens, "
                 f"but the calibration data has {num_tokens} tokens"
             )
+
+
+def fit_sals_bases(grams: list[JointKeyGramAccumulator]) -> list[SalsBasis]:
+    """Every direction each layer's Gram determines (at most its token count), by descending eigenvalue."""
+    return [fit_sals_basis(g, min(g.num_kv_heads * g.head_dim, g.num_tokens)) for g in grams]

@@ -1,4 +1,4 @@
-"""Per-layer KV token budgets from measured head behaviour (SurfaceLogicKV-style, methods.md §9 [inferred]).
+"""Per-layer KV token budgets from measured head behaviour (docs/methods.md#head-budgets).
 
 What is measured, per query head, on the calibration blocks (full attention of a plain forward):
 

@@ -22,18 +22,30 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvtrain.attention import observe_attention
-from kvtrain.calibrate import artifacts as art
-from kvtrain.calibrate.fit import METHODS, RankChoice, check_calibration_tokens, fit_projections, kqsvd_spectra, o_proj_weights
+from kvtrain.artifacts import calibration as art
+from kvtrain.artifacts.head_budgets import HEAD_BUDGETS, write_head_budgets
+from kvtrain.artifacts.projections import METHODS, PROJECTIONS, write_projections
+from kvtrain.artifacts.quant_plan import QUANT_PLAN, Budget, write_quant_plan
+from kvtrain.artifacts.query_stats import QUERY_STATS, save_query_stats
+from kvtrain.artifacts.sals_basis import SALS_BASIS, write_sals_basis
+from kvtrain.calibrate.fit import (
+    RankChoice,
+    check_calibration_tokens,
+    fit_projections,
+    fit_sals_bases,
+    kqsvd_spectra,
+    o_proj_weights,
+)
 from kvtrain.calibrate.head_budgets import head_budgets
-from kvtrain.calibrate.sals_basis import SALS_BASIS, fit_sals_bases, write_sals_basis
 from kvtrain.calibrate.sensitivity import tada_sensitivity
-from kvtrain.calibrate.statistics import ModelShape, StatisticsCollector, check_default_rope
+from kvtrain.calibrate.statistics import StatisticsCollector
 from kvtrain.data import load_texts, token_blocks
+from kvtrain.errors import UserError
 from kvtrain.io import atomic_write_bytes, atomic_write_text
-from kvtrain.lowrank.sals import model_rope
-from kvtrain.models import model_fingerprint
-from kvtrain.quant import Budget, plan_bits, write_quant_plan
+from kvtrain.models.rope import model_rope
+from kvtrain.models.shape import ModelShape, model_fingerprint
+from kvtrain.quant import plan_bits
+from kvtrain.runtime.routing import observe_attention
 
 FITS = ("kqsvd", "query-stats", "head-budgets", "tada", "sals")
 # SALS is a cache mode of its own (instead of KQ-SVD keys), so its basis is fitted only when asked for.
@@ -114,12 +126,14 @@ class _State:
         try:
             progress = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); delete it or run with resume=False") from err
+            raise UserError(f"{path}: not valid JSON ({err}); delete it, or run with --no-resume (resume=False in "
+                            "Python) to start over") from None
         for field, value in self.key.items():
             if progress.get("key", {}).get(field) != value:
-                raise ValueError(
+                raise UserError(
                     f"{path}: the checkpoint was written for a different {field} "
-                    f"({progress.get('key', {}).get(field)!r}, now {value!r}); run with resume=False to start over"
+                    f"({progress.get('key', {}).get(field)!r}, now {value!r}); run with --no-resume (resume=False in "
+                    "Python) to start over"
                 )
         return progress
 
@@ -188,8 +202,6 @@ def calibrate(
     settings = CalibrationSettings(**{**asdict(settings or CalibrationSettings()), **overrides})
     fits = _check_fits(fit)
     shape = ModelShape.of(model)
-    if "query-stats" in fits:
-        check_default_rope(model.config)
     folder = Path(out_dir) / art.ARTIFACT_DIR
     blocks = token_blocks(tokenizer, load_texts(data, split), settings.block_len, settings.num_blocks)
     num_tokens = blocks.numel()
@@ -211,7 +223,7 @@ def calibrate(
     progress_state = state.load()
 
     collector = StatisticsCollector(shape, tuple(_GROUPS[f] for f in fits if f in _GROUPS), settings.n_sink,
-                                    settings.head_entropy_stride, model_rope(model) if "sals" in fits else None)
+                                    settings.head_entropy_stride, model_rope(model, dtype=torch.float32))
     if collector.groups:
         progress_state = _statistics_pass(model, collector, blocks, state, progress_state,
                                           settings.checkpoint_every, progress)
@@ -233,8 +245,8 @@ def calibrate(
         "fit": list(fits),
         "settings": asdict(settings),
         "results": results,
-        "files": [name for name in (art.PROJECTIONS, art.QUANT_PLAN, art.QUERY_STATS, art.HEAD_BUDGETS,
-                                    SALS_BASIS) if name in results["written"]],
+        "files": [name for name in (PROJECTIONS, QUANT_PLAN, QUERY_STATS, HEAD_BUDGETS, SALS_BASIS)
+                  if name in results["written"]],
     }
     art.write_config(folder, config)
     shutil.rmtree(state.folder)
@@ -252,31 +264,26 @@ def _write_fits(model, folder: Path, fits: tuple[str, ...], settings: Calibratio
         value_ranks = settings.value_choice().ranks(value_spectra)
         projections = fit_projections(collector.grams, collector.values, o_proj, settings.method, key_ranks,
                                       value_ranks)
-        art.write_projections(folder / art.PROJECTIONS, projections, fingerprint)
+        write_projections(folder / PROJECTIONS, projections, fingerprint)
         results.update(key_ranks=key_ranks, value_ranks=value_ranks)
-        results["written"].append(art.PROJECTIONS)
+        results["written"].append(PROJECTIONS)
     if "query-stats" in fits:
-        from kvtrain.policies.query_stats import save_query_stats
-
         mu, sigma = collector.query_moments()
-        tmp = folder / f".{art.QUERY_STATS}.tmp"
-        save_query_stats(tmp, mu, sigma, fingerprint)
-        atomic_write_bytes(folder / art.QUERY_STATS, art.canonical_safetensors(tmp.read_bytes()))
-        tmp.unlink()
-        results["written"].append(art.QUERY_STATS)
+        save_query_stats(folder / QUERY_STATS, mu, sigma, fingerprint)
+        results["written"].append(QUERY_STATS)
     if "head-budgets" in fits:
         copy, spread, events = collector.head_behaviour()
         content = head_budgets(copy, spread, events, settings.head_budget, settings.head_floor, settings.head_beta)
-        atomic_write_text(folder / art.HEAD_BUDGETS, json.dumps(content, indent=2) + "\n")
+        write_head_budgets(folder / HEAD_BUDGETS, content)
         results["layer_budgets"] = content["budgets"]
-        results["written"].append(art.HEAD_BUDGETS)
+        results["written"].append(HEAD_BUDGETS)
     if "tada" in fits:
         plan = plan_bits(tada_rows, Budget("average_bits", settings.tada_budget), shape.num_kv_heads,
                          shape.head_dim, settings.tada_group_size, settings.tada_residual_length)
-        write_quant_plan(folder / art.QUANT_PLAN, plan)
+        write_quant_plan(folder / QUANT_PLAN, plan)
         results["tada_sensitivity"] = [{str(b): v for b, v in row.items()} for row in tada_rows]
         results["tada_bits"] = plan.bits
-        results["written"].append(art.QUANT_PLAN)
+        results["written"].append(QUANT_PLAN)
     if "sals" in fits:
         num_tokens = [g.num_tokens for g in collector.sals_grams]
         write_sals_basis(folder / SALS_BASIS, fit_sals_bases(collector.sals_grams), num_tokens, fingerprint)

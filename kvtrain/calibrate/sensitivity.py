@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvtrain.attention import observe_attention
+from kvtrain.artifacts.quant_plan import CANDIDATE_BITS
 from kvtrain.quant import fake_quantize
-from kvtrain.quant.bitplan import CANDIDATE_BITS
+from kvtrain.runtime.routing import observe_attention
 
 
 def _log_probs(model, blocks: Tensor) -> list[Tensor]:

@@ -4,8 +4,9 @@ Per layer (all float64 sums, so a checkpoint/resume reproduces an uninterrupted 
 * ``grams``: KQ-SVD key Gram and group query Gram of the **post-RoPE** keys/queries (group queries stacked);
 * ``values``: value Gram (for the value side of KQ-SVD);
 * ``query_sum`` ``[h_q, d]`` / ``query_outer`` ``[h_q, d, d]`` / ``query_count``: first and second moments of
-  the **pre-RoPE** queries per query head (RoPE undone exactly with each token's position), skipping the first
-  ``n_sink`` positions of each block as Expected Attention does (methods.md §5);
+  the **pre-RoPE** queries per query head (RoPE undone with the model's own rotary embedding, rope scaling
+  included, at each token's position), skipping the first
+  ``n_sink`` positions of each block as Expected Attention does (docs/methods.md#expected-attention);
 * head behaviour (see `kvtrain.calibrate.head_budgets` for what the numbers mean): per query head the summed
   copy mass over copy events and the summed normalised attention entropy of every ``entropy_stride``-th query
   (only those rows of the attention matrix and the copy-event rows are computed);
@@ -18,53 +19,16 @@ terms in the same order however the run is split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from kvtrain.lowrank import GramAccumulator, ValueGramAccumulator
-from kvtrain.lowrank.gram import JointKeyGramAccumulator
-from kvtrain.lowrank.sals import RopeFn, unrotate
-from kvtrain.models import head_dim
-from kvtrain.policies.expected_attention import unrotate_queries
-from kvtrain.rope import rope_theta
+from kvtrain.lowrank import GramAccumulator, JointKeyGramAccumulator, ValueGramAccumulator
+from kvtrain.models.rope import RopeFn, model_rope, unrotate
+from kvtrain.models.shape import ModelShape
+from kvtrain.runtime.routing import observe_attention
 
 GROUPS = ("grams", "query_stats", "head_behaviour", "sals_grams")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @classmethod
-    def of(cls, model) -> ModelShape:
-        config = model.config
-        return cls(
-            num_layers=int(config.num_hidden_layers),
-            num_heads=int(config.num_attention_heads),
-            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
-            head_dim=int(head_dim(config)),
-            rope_theta=rope_theta(config),
-        )
-
-
-def check_default_rope(config) -> None:
-    """Pre-RoPE statistics un-rotate with the default RoPE frequencies; scaled RoPE variants are refused."""
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(
-            f"query statistics need the default RoPE (rope_parameters.rope_type='default'), got {rope_type!r}"
-        )
 
 
 def copy_sources(ids: Tensor) -> Tensor:
@@ -90,8 +54,10 @@ class StatisticsCollector:
         unknown = sorted(set(groups) - set(GROUPS))
         if unknown:
             raise ValueError(f"unknown statistics groups {unknown}; choose from {GROUPS}")
-        if "sals_grams" in groups and rope is None:
-            raise ValueError("the sals_grams group needs the model's rotary embedding (rope=model_rope(model))")
+        needs_rope = sorted({"sals_grams", "query_stats"} & set(groups))
+        if needs_rope and rope is None:
+            raise ValueError(f"the {needs_rope} statistics un-rotate with the model's rotary embedding: pass "
+                             "rope=model_rope(model, dtype=torch.float32)")
         self.rope = rope
         if n_sink < 0:
             raise ValueError(f"n_sink={n_sink} must be >= 0")
@@ -158,8 +124,8 @@ class StatisticsCollector:
 
     def _update_query_stats(self, layer: int, query: Tensor) -> None:
         s = query.shape[2]
-        positions = torch.arange(s, device=query.device)[None]
-        pre = unrotate_queries(query, positions, self.shape.rope_theta)[0, :, self.n_sink :].to(torch.float64)
+        cos, sin = self.rope(torch.arange(s, device=query.device)[None])
+        pre = unrotate(query.float(), cos.float(), sin.float())[0, :, self.n_sink :].to(torch.float64)
         self.query_sum[layer] += pre.sum(dim=1).cpu()
         self.query_outer[layer] += torch.einsum("hnd,hne->hde", pre, pre).cpu()
         self.query_count[layer] += pre.shape[1]
@@ -260,13 +226,7 @@ def collect_statistics(
     progress: bool = False,
 ) -> StatisticsCollector:
     """One in-memory pass over ``blocks`` ``[n, S]`` (no checkpoints): e.g. Grams for an ad-hoc fit."""
-    from tqdm.auto import tqdm
-
-    from kvtrain.attention import observe_attention
-
-    from kvtrain.lowrank.sals import model_rope
-
-    rope = model_rope(model) if "sals_grams" in groups else None
+    rope = model_rope(model, dtype=torch.float32)
     collector = StatisticsCollector(ModelShape.of(model), groups, n_sink, entropy_stride, rope)
     with observe_attention(model, collector.observe):
         for block in tqdm(blocks, desc="calibration statistics", unit="block", disable=not progress):

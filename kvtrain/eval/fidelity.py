@@ -27,9 +27,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvtrain.attention import observe_attention
-from kvtrain.lowrank import LowRankPair, project_cache, project_queries
+from kvtrain.artifacts.calibration import load_artifacts
+from kvtrain.artifacts.projections import METHODS, LowRankPair
+from kvtrain.calibrate.fit import fit_projections, o_proj_weights
+from kvtrain.calibrate.statistics import collect_statistics
+from kvtrain.data import load_texts, token_blocks
+from kvtrain.eval.report import print_table
+from kvtrain.io import atomic_write_text, check_writable
+from kvtrain.lowrank import project_cache, project_queries
+from kvtrain.models import load_model
 from kvtrain.quant import fake_quantize
+from kvtrain.runtime.routing import observe_attention
 
 
 @dataclass
@@ -179,8 +187,6 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_fidelity_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``fidelity`` to the ``kvtrain eval`` suites."""
-    from kvtrain.calibrate.fit import METHODS
-
     p = subparsers.add_parser("fidelity", help="per-layer relative error of attention logits and outputs")
     p.add_argument("--model", default="smollm2-135m")
     source = p.add_mutually_exclusive_group()
@@ -206,11 +212,6 @@ def add_fidelity_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _variant_from_args(args: argparse.Namespace, model, tokenizer) -> FidelityVariant:
-    from kvtrain.calibrate.artifacts import load_artifacts
-    from kvtrain.calibrate.fit import fit_projections, o_proj_weights
-    from kvtrain.calibrate.statistics import collect_statistics
-    from kvtrain.data import load_texts, token_blocks
-
     keys = values = None
     name = "tada" if args.key_bits or args.value_bits else "full"
     if args.artifacts is not None:
@@ -241,11 +242,8 @@ def _variant_from_args(args: argparse.Namespace, model, tokenizer) -> FidelityVa
 
 
 def cmd_eval_fidelity(args: argparse.Namespace) -> None:
-    from kvtrain.data import load_texts, token_blocks
-    from kvtrain.eval.report import print_table
-    from kvtrain.io import atomic_write_text
-    from kvtrain.models import load_model
-
+    if args.out:
+        check_writable(args.out, "--out", folder=False)
     model, tokenizer = load_model(args.model)
     variant = _variant_from_args(args, model, tokenizer)
     blocks = token_blocks(tokenizer, load_texts(args.data, args.split), args.block_len, args.blocks)

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvtrain.attention import use_kvtrain_attention
-from kvtrain.cache import CompressedCache
 from kvtrain.config import KVCompressionConfig
-from kvtrain.generation import teacher_forced_decode
+from kvtrain.errors import NonFiniteError
 from kvtrain.models import head_dim
-from kvtrain.replay import replay_compression
+from kvtrain.runtime.cache import CompressedCache
+from kvtrain.runtime.compressor import LayerPairs
+from kvtrain.runtime.decode import teacher_forced_decode
+from kvtrain.runtime.replay import replay_compression
+from kvtrain.runtime.routing import use_kvtrain_attention
 
 
 @dataclass
@@ -48,7 +50,12 @@ class LoyaltyResult:
 
 
 def continuation_metrics(full_logits: Tensor, comp_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """Per-token metrics; logits [n, V] predict `targets` [n]."""
+    """Per-token metrics; logits [n, V] predict `targets` [n]. Non-finite logits are an error, never a metric."""
+    for name, logits in (("full-cache (reference)", full_logits), ("compressed", comp_logits)):
+        if not torch.isfinite(logits).all():
+            bad = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0])
+            raise NonFiniteError(f"the {name} logits are not finite (first at continuation token {bad}): "
+                                 "no loyalty metric can be computed from them")
     log_full = F.log_softmax(full_logits.float(), dim=-1)
     log_comp = F.log_softmax(comp_logits.float(), dim=-1)
     return {
@@ -75,6 +82,7 @@ def evaluate_loyalty(
     reference: Callable[[Tensor], Tensor] | None = None,
     method: str = "cache",
     progress: bool = True,
+    projections: LayerPairs | None = None,
 ) -> list[LoyaltyResult]:
     """One result per config; `blocks` [n, context_len + continuation_len] token ids, one sample per row.
 
@@ -82,7 +90,8 @@ def evaluate_loyalty(
     after distillation, the original model). `method="cache"` decodes the continuation step by step through a
     `CompressedCache`, as users run it; `method="replay"` computes the same logits in one forward
     (`replay_compression`, equal to decoding by the parity tests) and reports no cache bytes. The reference
-    logits of each sample are computed once and shared by every config.
+    logits of each sample are computed once and shared by every config. `projections` replaces the low-rank
+    pairs of the configs' projections file (training passes the pairs it learns).
     """
     if method not in ("cache", "replay"):
         raise ValueError(f"method={method!r}: expected 'cache' or 'replay'")
@@ -98,11 +107,11 @@ def evaluate_loyalty(
         full = reference(ids)[0, context_len - 1 : -1]
         for i, config in enumerate(configs):
             if method == "cache":
-                cache = CompressedCache.for_model(model, config)
+                cache = CompressedCache.for_model(model, config, projections=projections)
                 comp = teacher_forced_decode(model, cache, ids, prefill_len=context_len)
                 cache_bytes[i].append(cache.nbytes() / cache.get_seq_length())
             else:
-                with replay_compression(model, config, prefill_len=context_len):
+                with replay_compression(model, config, prefill_len=context_len, projections=projections):
                     comp = model(input_ids=ids, use_cache=False).logits
             comp = comp[0, context_len - 1 : -1]
             for name, values in continuation_metrics(full, comp, ids[0, context_len:]).items():

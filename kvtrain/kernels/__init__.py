@@ -1,7 +1,7 @@
 """Kernels for compressed-cache attention and replay training: Triton on CUDA, PyTorch references elsewhere.
 
-Each functional API dispatches on the tensors' device (CUDA -> Triton, otherwise ``reference.py``) and takes
-``force="triton" | "reference"`` to override that.
+Each functional API follows the one kernel switch (`kvtrain.kernels.dispatch`: ``KVTRAIN_KERNELS`` or ``force=``,
+``auto | triton | torch``): Triton on CUDA tensors by default, the PyTorch references (`reference.py`) elsewhere.
 """
 
 from __future__ import annotations

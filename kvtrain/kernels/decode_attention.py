@@ -271,8 +271,8 @@ def decode_attention(
     also how per-head kept lengths are expressed). ``num_splits`` caps the split-K factor (default: enough
     programs to fill a GPU). Returns out ``[b, h_q, dv]`` in q's dtype and, with ``return_key_scores``,
     key_scores ``[b, h_kv, n]`` float32 (softmax attention summed over the query group). A head whose keys
-    are all empty gets a zero output. CUDA tensors run the Triton kernels, others the PyTorch reference;
-    ``force`` ("triton" / "reference") overrides that.
+    are all empty gets a zero output. Which runs, the Triton kernels or the PyTorch
+    reference, is the kernel switch's choice (`kvtrain.kernels.dispatch`; ``force`` overrides it for this call).
     """
     _validate_format(k, k_format, "k")
     _validate_format(v, v_format, "v")

@@ -399,8 +399,8 @@ def keyset_attention(
     (list or LongTensor, ``starts[0] == 0``, non-decreasing): interval e covers rows ``[starts[e],
     starts[e+1])``, the last ends at S. Row i of interval e attends the kept entries of e and the keys
     ``starts[e] <= j <= i`` with ``key_padding[b, j]`` True (default: all). Rows with nothing to attend give
-    zeros. Returns ``[b, h_q, S, d]``. CUDA tensors run the Triton kernels, others the PyTorch reference;
-    ``force`` ("triton" / "reference") overrides that.
+    zeros. Returns ``[b, h_q, S, d]``. Which runs, the Triton kernels or the PyTorch
+    reference, is the kernel switch's choice (`kvtrain.kernels.dispatch`; ``force`` overrides it for this call).
     """
     starts_t = starts if isinstance(starts, Tensor) else torch.tensor(list(starts), dtype=torch.int64)
     if starts_t.dim() != 1:

@@ -101,7 +101,8 @@ def _check(d: int, bits: int, group_size: int) -> None:
 
 def quantize(x: Tensor, bits: int, group_size: int, *, force: str | None = None) -> PackedTensor:
     """Quantise ``x [..., d]`` group-wise along d and pack: codes uint8 ``[..., d*bits/8]``, scale and zero
-    float16 ``[..., d/group_size]``; identical to ``kvtrain.quant.packing.quantize``."""
+    float16 ``[..., d/group_size]``; identical to ``kvtrain.quant.packing.quantize``. ``force``: see
+    `kvtrain.kernels.dispatch`."""
     if x.dim() == 0 or not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor with a last dim, got {x.dtype} of shape {tuple(x.shape)}")
     d = x.shape[-1]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from kvtrain.artifacts.projections import LowRankPair
+from kvtrain.artifacts.sals_basis import SalsBasis
 from kvtrain.lowrank.baselines import fit_eigen_attention, fit_ksvd
 from kvtrain.lowrank.gram import GramAccumulator, JointKeyGramAccumulator, ValueGramAccumulator
 from kvtrain.lowrank.kqsvd import (
-    LowRankPair,
     fit_kqsvd,
     fit_value_projection,
     fold_value_projection,
@@ -14,7 +15,7 @@ from kvtrain.lowrank.kqsvd import (
     project_queries,
 )
 from kvtrain.lowrank.ranks import allocate_ranks, energy_rank, tail_energy
-from kvtrain.lowrank.sals import SalsBasis, fit_sals_basis
+from kvtrain.lowrank.sals import fit_sals_basis
 
 __all__ = [
     "GramAccumulator",

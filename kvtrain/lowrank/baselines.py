@@ -1,4 +1,4 @@
-"""Baselines KQ-SVD is compared with (methods.md §1), fitted from the same Gram statistics.
+"""Baselines KQ-SVD is compared with (docs/methods.md#kq-svd), fitted from the same Gram statistics.
 
 * K-SVD: keys and queries both projected onto the top-r right singular vectors of K (eigenvectors of G_K).
 * Eigen Attention: the top-r right singular vectors of the stacked ``[alpha K; Q / alpha]``, i.e. the
@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kvtrain.artifacts.projections import LowRankPair
 from kvtrain.lowrank.gram import GramAccumulator
-from kvtrain.lowrank.kqsvd import LowRankPair, check_gram, check_rank, kq_objective
+from kvtrain.lowrank.kqsvd import check_gram, check_rank, kq_objective
 
 DEFAULT_ALPHAS = tuple(float(a) for a in range(1, 11))
 

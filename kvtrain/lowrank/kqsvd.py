@@ -1,4 +1,4 @@
-"""KQ-SVD (methods.md §1): the optimal rank-r factorisation of K Q^T, and of V W_O^T, from Gram matrices.
+"""KQ-SVD (docs/methods.md#kq-svd): the optimal rank-r factorisation of K Q^T, and of V W_O^T, from Gram matrices.
 
 For one KV head with calibration keys K [T, d] and the group's queries stacked Q [gT, d]:
 ``G_K = K^T K = R_K^T R_K`` and ``G_Q = Q^T Q = R_Q^T R_Q`` (Cholesky), ``R_K R_Q^T = U S W^T`` (SVD). Then
@@ -15,46 +15,17 @@ the o_proj input slices of the group's query heads stacked), whose right Gram is
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from kvtrain.artifacts.projections import LowRankPair
 from kvtrain.lowrank.gram import GramAccumulator, ValueGramAccumulator
 
 # A Gram whose smallest eigenvalue is at most this fraction of its largest is numerically rank-deficient: it
 # gets a ridge of this fraction of its largest eigenvalue. Deciding from the spectrum, not from whether a
 # Cholesky factorisation happens to succeed, gives the same answer on every CPU's BLAS/LAPACK rounding.
 RANK_TOLERANCE = 1e-10
-
-
-@dataclass(frozen=True)
-class LowRankPair:
-    """One projection pair per KV head: ``a`` for the cached side, ``b`` for its partner.
-
-    Keys: ``k~ = k @ a[h]`` is cached and query head j of KV head h uses ``q~ = q_j @ b[h]``, so that
-    ``q~ . k~ = q^T b a^T k``. Values: ``v~ = v @ a[h]`` is cached and ``b`` is folded into o_proj.
-    ``singular_values`` (float64 ``[h_kv, d]``, descending) is the spectrum of the matrix whose truncation
-    the method performs: its squared tail beyond r is that method's rank-r error (for KQ-SVD, exactly the
-    calibration objective).
-    """
-
-    a: Tensor  # [h_kv, d, r]
-    b: Tensor  # [h_kv, d, r]
-    singular_values: Tensor  # [h_kv, d]
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    def truncate(self, rank: int) -> LowRankPair:
-        """The pair restricted to its first ``rank`` columns (optimal at that rank for KQ-SVD and K-SVD)."""
-        if not 1 <= rank <= self.rank:
-            raise ValueError(f"rank={rank} must be in [1, {self.rank}]")
-        return LowRankPair(self.a[..., :rank], self.b[..., :rank], self.singular_values)
-
-    def to(self, dtype: torch.dtype) -> LowRankPair:
-        return LowRankPair(self.a.to(dtype), self.b.to(dtype), self.singular_values)
 
 
 def check_rank(rank: int, head_dim: int, num_rows: dict[str, int], layer_idx: int | None) -> None:

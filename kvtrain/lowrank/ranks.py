@@ -4,7 +4,7 @@ By Eckart-Young, the squared error of the best rank-r approximation is the tail 
 values, ``err(r) = sum_{i>r} s_i^2``. Its marginal gain ``err(r) - err(r+1) = s_{r+1}^2`` is non-increasing in
 r (singular values are sorted), so every unit's error is convex in its rank and a greedy allocation by
 marginal gain is optimal when every rank unit costs the same (the classic separable-convex resource
-allocation result; see tests/lowrank/test_ranks.py for the brute-force check).
+allocation result; see tests/lowrank/test_rank_allocation.py for the brute-force check).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SALS (methods.md §4): pre-RoPE keys in a joint (all KV heads of a layer) rank-r latent space, latent
+"""SALS (docs/methods.md#sals): pre-RoPE keys in a joint (all KV heads of a layer) rank-r latent space, latent
 top-k token selection, and RoPE reconstruction of only the selected tokens.
 
 Conventions:
@@ -8,37 +8,18 @@ Conventions:
   paper does not say how query heads map onto the KV-head latent). At full rank the latent score is
   therefore ``(1/g) * sum_j q_j . k_{j // g}`` (pre-RoPE), a positive multiple of the head-summed score, so
   the top-k set is that of the head-summed score;
-* RoPE uses the HF ``rotate_half`` convention: ``x * cos + rotate_half(x) * sin`` with cos/sin ``[..., d]``
-  whose two halves repeat the same frequencies. Callers with a model at hand can pass its own rotary
-  embedding (rope scaling included) as ``rope``; `rope_cos_sin` is the plain ``theta`` version.
+* RoPE (`kvtrain.models.rope`): callers with a model at hand pass its own rotary embedding (rope scaling
+  included) as ``rope``; `kvtrain.models.rope.rope_cos_sin` is the plain ``theta`` version.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from kvtrain.artifacts.sals_basis import SalsBasis
 from kvtrain.lowrank.gram import JointKeyGramAccumulator
-
-RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [b, n] -> (cos, sin) [b, n, d]
-
-
-@dataclass(frozen=True)
-class SalsBasis:
-    """One layer's joint latent basis: ``basis`` ``[h_kv*d, r]`` (orthonormal columns, by descending energy)
-    and the full eigenvalue spectrum of ``C = K^T K`` (``[h_kv*d]``, descending)."""
-
-    basis: Tensor
-    eigenvalues: Tensor
-    num_kv_heads: int
-    head_dim: int
-
-    @property
-    def rank(self) -> int:
-        return self.basis.shape[-1]
+from kvtrain.models.rope import RopeFn, apply_rope
 
 
 def fit_sals_basis(grams: JointKeyGramAccumulator, rank: int) -> SalsBasis:
@@ -125,63 +106,6 @@ def select_tokens(
     kept = valid.gather(-1, order) & (torch.arange(k, device=scores.device) < allowed)
     chosen, perm = order.sort(dim=-1)
     return chosen, kept.gather(-1, perm)
-
-
-# Rope types whose frequencies depend on the longest sequence seen so far: un-rotating a stored key later
-# could use other frequencies than the forward that rotated it.
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-
-
-def model_rope(model) -> RopeFn:
-    """The model's own rotary embedding as a `RopeFn` (cos/sin in the model's dtype, rope scaling included)."""
-    decoder = model.get_decoder()
-    rotary = getattr(decoder, "rotary_emb", None)
-    if rotary is None:
-        raise ValueError(f"{type(model).__name__}: its decoder has no `rotary_emb`; SALS needs the model's RoPE")
-    rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type in _LENGTH_DEPENDENT_ROPE:
-        raise ValueError(f"rope_type={rope_type!r} changes its frequencies with the sequence length; SALS "
-                         "un-rotates stored keys later and needs fixed frequencies")
-    dtype = next(model.parameters()).dtype
-
-    def rope(positions: Tensor) -> tuple[Tensor, Tensor]:
-        # The rotary embedding reads only the dtype and device of its first argument.
-        return rotary(torch.empty(0, dtype=dtype, device=positions.device), positions)
-
-    return rope
-
-
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """HF default RoPE tables ``(cos, sin)`` ``[..., n, head_dim]`` (float64) for integer ``positions`` ``[..., n]``."""
-    if head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} must be even for RoPE")
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = positions.to(torch.float64)[..., None] * inv_freq
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``[b, h, n, d]`` by cos/sin ``[b, n, d]`` (broadcast over heads), HF rotate_half order."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotated * sin
-
-
-def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Inverse of `apply_rope` for the same cos/sin ``[b, n, d]``: ``x`` ``[b, h, n, d]`` before RoPE.
-
-    With ``y = x cos + rotate_half(x) sin`` (halves of cos/sin equal), ``y cos - rotate_half(y) sin =
-    x (cos^2 + sin^2)``, so dividing by ``cos^2 + sin^2`` undoes RoPE exactly, also when a rope-scaling
-    ``attention_factor`` multiplies cos and sin. Computed in float32 at least, returned in ``x.dtype``.
-    """
-    compute = torch.promote_types(x.dtype, torch.float32)
-    y = x.to(compute)
-    cos, sin = cos[:, None].to(compute), sin[:, None].to(compute)
-    half = y.shape[-1] // 2
-    rotated = torch.cat([-y[..., half:], y[..., :half]], dim=-1)
-    return ((y * cos - rotated * sin) / (cos * cos + sin * sin)).to(x.dtype)
 
 
 def reconstruct_keys(latent_k: Tensor, basis: SalsBasis, cos: Tensor, sin: Tensor) -> Tensor:

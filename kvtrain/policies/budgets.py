@@ -1,10 +1,11 @@
-"""Per-layer KV budgets: uniform, PyramidKV-style, an explicit list, or a JSON file."""
+"""Per-layer KV budgets: uniform, PyramidKV-style, an explicit list, or a head-budgets file from calibration."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from kvtrain.artifacts.head_budgets import check_budgets, read_head_budgets
 
 KINDS = ("uniform", "pyramid")
 
@@ -23,7 +24,7 @@ def layer_budgets(kind: str | list[int] | Path, num_layers: int, budget: int) ->
     if num_layers < 1:
         raise ValueError(f"num_layers={num_layers} must be >= 1")
     if isinstance(kind, list):
-        return _checked(kind, num_layers, "budget list")
+        return check_budgets(kind, num_layers, "budget list")
     if isinstance(kind, str) and kind in KINDS:
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget={budget!r} must be an int >= 1")
@@ -32,7 +33,10 @@ def layer_budgets(kind: str | list[int] | Path, num_layers: int, budget: int) ->
         return _pyramid(num_layers, budget)
     if not isinstance(kind, (str, Path)):
         raise ValueError(f"budget kind {kind!r} must be one of {KINDS}, a list of ints or a JSON file path")
-    return _from_file(Path(kind), num_layers)
+    path = Path(kind)
+    if not path.is_file():
+        raise ValueError(f"budget kind {str(path)!r} is neither one of {KINDS} nor an existing JSON file")
+    return read_head_budgets(path, num_layers)
 
 
 def _pyramid(num_layers: int, budget: int) -> list[int]:
@@ -43,26 +47,3 @@ def _pyramid(num_layers: int, budget: int) -> list[int]:
     for layer in by_fraction[:short]:
         out[layer] += 1
     return out
-
-
-def _from_file(path: Path, num_layers: int) -> list[int]:
-    if not path.is_file():
-        raise ValueError(f"budget kind {str(path)!r} is neither one of {KINDS} nor an existing JSON file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict) or "budgets" not in data:
-        raise ValueError(f'{path}: expected an object {{"budgets": [...]}}, got {str(data)[:80]!r}')
-    if not isinstance(data["budgets"], list):
-        raise ValueError(f"{path}: 'budgets' must be a list, got {data['budgets']!r}")
-    return _checked(data["budgets"], num_layers, str(path))
-
-
-def _checked(budgets: list, num_layers: int, source: str) -> list[int]:
-    if len(budgets) != num_layers:
-        raise ValueError(f"{source}: {len(budgets)} budgets for {num_layers} layers")
-    for layer, value in enumerate(budgets):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{source}: budget {value!r} of layer {layer} must be an int >= 1")
-    return list(budgets)

@@ -8,8 +8,8 @@ post-RoPE key k and attention scaling s, the Gaussian moment-generating function
     log E[exp(s * q.k)] = s * mu'.k + s^2 / 2 * k^T Sigma' k,
 
 the log of the expected *unnormalised* attention. Its softmax over the valid keys, averaged over the GQA group
-and weighted by ``(a + epsilon) * ||v||``, is the score. RoPE follows the HF ``rotate_half`` convention with the
-default (unscaled) Llama frequencies.
+and weighted by ``(a + epsilon) * ||v||``, is the score. RoPE is the model's own rotary embedding
+(`ScoreInputs.rope_tables`: rope scaling such as Llama-3.1's llama3 or YaRN included).
 """
 
 from __future__ import annotations
@@ -19,54 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvtrain.artifacts.query_stats import QueryStats, load_query_stats
+from kvtrain.models.rope import average_rotation, unrotate
 from kvtrain.policies.base import ScoreInputs, Scorer, register_scorer
-from kvtrain.policies.query_stats import QueryStats, load_query_stats
 
 ONLINE = "online"
-
-
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
-    """Default RoPE inverse frequencies ``[head_dim // 2]`` (float32, computed as transformers does)."""
-    if head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} must be even for RoPE")
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """``[x1, x2] -> [-x2, x1]`` on the last dim: the 90-degree rotation of the HF RoPE convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def unrotate_queries(queries: Tensor, rope_positions: Tensor, theta: float) -> Tensor:
-    """Undo RoPE: post-RoPE ``queries`` ``[b, h, w, d]`` at RoPE positions ``[b, w]`` -> pre-RoPE ``[b, h, w, d]``.
-
-    RoPE is a rotation, so rotating by the opposite angle recovers the pre-RoPE query exactly.
-    """
-    d = queries.shape[-1]
-    angles = rope_positions.float()[..., None] * rope_inv_freq(d, theta, queries.device)  # [b, w, d/2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [b, 1, w, d]
-    q = queries.float()
-    return q * angles.cos() - rotate_half(q) * angles.sin()
-
-
-def rope_average_matrix(start: Tensor, n_positions: int, head_dim: int, theta: float) -> Tensor:
-    """``Rbar = (1/T) sum_{p=start}^{start+T-1} R_p`` ``[b, d, d]`` for RoPE start positions ``start`` ``[b]``.
-
-    ``R_p x = x * cos(p f) + rotate_half(x) * sin(p f)``, so ``Rbar = diag(mean cos) + diag(mean sin) P`` with P the
-    matrix of `rotate_half`.
-    """
-    if n_positions < 1:
-        raise ValueError(f"n_positions={n_positions} must be >= 1")
-    inv_freq = rope_inv_freq(head_dim, theta, start.device)
-    steps = torch.arange(n_positions, device=start.device)
-    pos = (start[:, None] + steps[None, :]).float()  # [b, T]
-    angles = pos[..., None] * inv_freq  # [b, T, d/2]
-    cos_bar = torch.cat((angles.cos().mean(dim=1),) * 2, dim=-1)  # [b, d]
-    sin_bar = torch.cat((angles.sin().mean(dim=1),) * 2, dim=-1)
-    eye = torch.eye(head_dim, device=start.device)
-    half_turn = rotate_half(eye).T  # column j of P is rotate_half(e_j)
-    return torch.diag_embed(cos_bar) + sin_bar[..., :, None] * half_turn
 
 
 def gaussian_log_mgf(mu: Tensor, sigma: Tensor | None, keys: Tensor, scaling: float) -> Tensor:
@@ -84,7 +41,7 @@ def online_query_stats(inputs: ScoreInputs, n_sink: int = 0) -> tuple[Tensor, Te
     """Mean ``[b, h_q, d]`` and (biased) covariance ``[b, h_q, d, d]`` of the row's real pre-RoPE window queries,
     leaving out the queries of the row's first ``n_sink`` tokens."""
     rope_pos = inputs.query_positions[None, :] - inputs.rope_offset[:, None]  # [b, w]
-    pre = unrotate_queries(inputs.queries, rope_pos, inputs.rope_theta)
+    pre = unrotate(inputs.queries.float(), *inputs.rope_tables(rope_pos))
     real = (rope_pos >= n_sink).float()[:, None, :, None]  # [b, 1, w, 1]: also False for left padding
     count = real.sum(dim=2, keepdim=True).clamp(min=1.0)
     mu = (pre * real).sum(dim=2, keepdim=True) / count
@@ -99,7 +56,7 @@ class ExpectedAttentionScorer(Scorer):
     """Expected attention of future queries (see the module docstring), per KV head.
 
     ``stats="online"`` estimates the query statistics from the observation window at every event; any other
-    value is the path of a `kvtrain.policies.query_stats` file holding per-layer statistics.
+    value is the path of a `kvtrain.artifacts.query_stats` file holding per-layer statistics.
     """
 
     name = "expected_attention"
@@ -146,7 +103,7 @@ class ExpectedAttentionScorer(Scorer):
         mu, sigma = self._statistics(inputs)
         # The next token's RoPE position, per row (not the window length, which is kvpress's decode-mode slip).
         start = inputs.query_positions[-1] - inputs.rope_offset + 1  # [b]
-        rbar = rope_average_matrix(start, self.n_future_positions, d, inputs.rope_theta)[:, None]  # [b, 1, d, d]
+        rbar = average_rotation(inputs.rope_tables, start, self.n_future_positions, d)[:, None]  # [b, 1, d, d]
         mu_f = (rbar @ mu[..., None]).squeeze(-1).view(b, h_kv, g, d)
         sigma_f = (rbar @ sigma @ rbar.transpose(-1, -2)).view(b, h_kv, g, d, d) if self.use_covariance else None
         z = gaussian_log_mgf(mu_f, sigma_f, inputs.keys.float(), inputs.scaling)  # [b, h_kv, g, n]

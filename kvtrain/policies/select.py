@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-MODES = ("per_head", "per_layer", "head_adaptive")
+SELECTION_MODES = ("per_head", "per_layer", "head_adaptive")
 
 
 def protected_mask(
@@ -78,8 +78,8 @@ def select(
       (attention probabilities); a scorer with per-head scales would starve the low-scale heads. Heads
       keep different counts, so ``keep_valid`` is ragged.
 
-    ``spans`` (fair eviction, Pitfalls §8; ``per_head``/``per_layer`` only): sorted, disjoint column spans
-    ``[start, end)``. They are extended to cover the row: keys before the first span belong to the first,
+    ``spans`` (fair eviction, docs/methods.md#pitfalls-whitelist-and-fair-eviction; ``per_head``/``per_layer``
+    only): sorted, disjoint column spans ``[start, end)``. They are extended to cover the row: keys before the first span belong to the first,
     and every key from a span's start up to the next span's start belongs to that (earlier) span, so the
     last span also takes everything after it. Each span gets ``floor(kept * valid_in_span / valid)`` where
     ``kept = min(budget, valid)``; the remainder goes to the last span, spilling backwards to the previous
@@ -87,8 +87,8 @@ def select(
     protected than quota is a ValueError). Top-k runs within each span; the union is kept.
     """
     _check_candidates(scores=scores, valid=valid, positions=positions)
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    if mode not in SELECTION_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {SELECTION_MODES}")
     if not isinstance(budget, int) or budget < 0:
         raise ValueError(f"budget={budget!r} must be an int >= 0")
     if not 0.0 <= safeguard <= 1.0:

@@ -1,17 +1,9 @@
-"""KV quantisation: packed group-wise codes (`packing`), TaDA mean-centring (`tada`), per-layer bit plans."""
+"""KV quantisation: packed group-wise codes (`packing`), TaDA mean-centring (`tada`), per-layer bit plans
+(`bitplan`; the plan file format is `kvtrain.artifacts.quant_plan`)."""
 
 from __future__ import annotations
 
-from kvtrain.quant.bitplan import (
-    Budget,
-    QuantPlan,
-    QuantPlanError,
-    exact_bits,
-    greedy_bits,
-    plan_bits,
-    read_quant_plan,
-    write_quant_plan,
-)
+from kvtrain.quant.bitplan import exact_bits, greedy_bits, plan_bits
 from kvtrain.quant.packing import PackedTensor, dequantize, quantize
 from kvtrain.quant.tada import (
     Flush,
@@ -24,11 +16,8 @@ from kvtrain.quant.tada import (
 )
 
 __all__ = [
-    "Budget",
     "Flush",
     "PackedTensor",
-    "QuantPlan",
-    "QuantPlanError",
     "TadaTensor",
     "bytes_per_token",
     "dequantize",
@@ -37,9 +26,7 @@ __all__ = [
     "greedy_bits",
     "plan_bits",
     "quantize",
-    "read_quant_plan",
     "residual_flush",
     "tada_dequantize",
     "tada_quantize",
-    "write_quant_plan",
 ]

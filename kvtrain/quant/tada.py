@@ -1,8 +1,8 @@
-"""TaDA (methods.md §6): per-token mean over KV heads kept in float16, deviations quantised group-wise.
+"""TaDA (docs/methods.md#tada): per-token mean over KV heads kept in float16, deviations quantised group-wise.
 
 For a token t of one layer, ``m_t = (1/H) sum_h x_t^h`` is stored in float16 and each head keeps
 ``deq(quant(x_t^h - m_t))``; reconstruction is ``x_t^h ~= m_t + deq(...)``. The deviation is taken from the
-float16-rounded mean, so the only reconstruction error is that of the deviation codes. (methods.md writes
+float16-rounded mean, so the only reconstruction error is that of the deviation codes. (The paper writes
 the deviation as ``m - x``; the sign is immaterial for asymmetric quantisation, we use ``x - m``.)
 
 What the centring does and does not change, exactly:

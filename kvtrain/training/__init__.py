@@ -1,9 +1,5 @@
-"""Compression-aware distillation: the student under replayed KV compression learns the full-cache teacher."""
+"""Compression-aware distillation: the student under replayed KV compression learns the full-cache teacher.
 
-from __future__ import annotations
-
-from kvtrain.training.artifacts import load_compressed
-from kvtrain.training.arguments import DistillationArguments
-from kvtrain.training.losses import DIVERGENCES, LossSpec, distillation_loss
-
-__all__ = ["DIVERGENCES", "DistillationArguments", "LossSpec", "distillation_loss", "load_compressed"]
+The pipeline behind `train/distill.py` is `kvtrain.training.run` (parse -> build -> train -> save); the trainer
+is `kvtrain.training.trainer`, the loss `kvtrain.training.losses`.
+"""

@@ -16,19 +16,16 @@ its calibrated spectrum ``S``, which describes the calibration objective, not th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from kvtrain.calibrate.artifacts import projections_for, read_projections, sha256_file, write_projections
-from kvtrain.calibrate.fit import Projections
-from kvtrain.compress import LayerPairs
+from kvtrain.artifacts.format import sha256_file
+from kvtrain.artifacts.projections import LowRankPair, Projections, read_projections, write_projections
 from kvtrain.config import KVCompressionConfig
-from kvtrain.lowrank import LowRankPair
 from kvtrain.models import model_fingerprint
+from kvtrain.runtime.compressor import LayerPairs, projections_for
 
 # Name of the submodule on the student, hence the prefix of the projections' parameter names.
 ATTRIBUTE = "kv_projections"
@@ -72,7 +69,7 @@ class TrainableProjections(nn.Module):
         trained = tuple([p if c else None for p, c in zip(pairs, compressed)] for pairs in (key_pairs, value_pairs))
         if not any(p is not None for pairs in trained for p in pairs):
             raise ValueError(f"train_projections=true, but no compressed layer uses the projections of {source}")
-        return cls(calibrated, trained, source, _recorded_fingerprint(source))
+        return cls(calibrated, trained, source, fingerprint)
 
     @staticmethod
     def check_config(kv_config: KVCompressionConfig) -> None:
@@ -166,8 +163,3 @@ def balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def _name(side: str, layer: int, part: str) -> str:
     return f"{side}_{layer}_{part}"
-
-
-def _recorded_fingerprint(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:  # readable: projections_for has just read it
-        return json.loads((f.metadata() or {})["fingerprint"])

@@ -1,4 +1,6 @@
-"""The distillation pipeline behind `train/distill.py`: parse -> build -> train -> save.
+"""The distillation pipeline behind `train/distill.py`: `main` = `build` (parse and check the arguments, load
+the student and its teacher, cut the data, make the trainer) -> `train` (loyalty before, the loop, loyalty
+after) -> `save` (weights, `kv_compression/` bundle, metadata). Sharding rules live in `check_sharding`.
 
 Launch: `accelerate launch --config_file configs/accelerate/<cfg>.yaml train/distill.py --config
 recipes/<model>/distill/<name>.yaml [--field value ...]`.
@@ -11,23 +13,30 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from peft import get_peft_model
+from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from kvtrain.arguments import KVCompressionArguments
-from kvtrain.attention import use_kvtrain_attention
+from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
-from kvtrain.models import load_model, model_fingerprint
-from kvtrain.training import checkpoints
-from kvtrain.training.artifacts import write_artifacts
+from kvtrain.errors import UserError
+from kvtrain.io import OutputLock
+from kvtrain.models import check_positions, load_model, model_fingerprint
+from kvtrain.models.loading import load_config
+from kvtrain.models.shape import check_window, sliding_windows
+from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.model_options import load_options
+from kvtrain.training.output import write_artifacts
 from kvtrain.training.projections import TrainableProjections
 from kvtrain.training.recipe import load_recipe
+from kvtrain.training.resume import check_resume, resolve_resume, run_record
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
 from kvtrain.training.trainer import CompressionDistillationTrainer
 
@@ -103,24 +112,6 @@ def check_output_dir(path: str | Path) -> None:
         raise ValueError(f"output_dir {str(path)!r} is not writable: {err.strerror or err}") from None
 
 
-def resolve_resume(distill_args: DistillationArguments, training_args: TrainingArguments) -> str | None:
-    """The checkpoint to resume from: `resume` ('latest' or a path), else TrainingArguments.resume_from_checkpoint."""
-    value = distill_args.resume or training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() in ("latest", "true"):
-        found = checkpoints.latest_checkpoint(training_args.output_dir)
-        if found is None:
-            logger.warning("resume=latest: no complete checkpoint in %s, starting from scratch", training_args.output_dir)
-            return None
-        logger.info("resuming from %s", found)
-        return str(found)
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"resume={value!r}: not a complete checkpoint folder (no trainer_state.json)")
-    return str(path)
-
-
 def init_cpu_distributed() -> None:
     """On GPU-less machines launched with several processes, create the process group with gloo ourselves.
 
@@ -142,9 +133,25 @@ def init_cpu_distributed() -> None:
     PartialState(cpu=not deepspeed, backend="gloo")
 
 
-def check_projection_training(trainer: CompressionDistillationTrainer, distill_args: DistillationArguments) -> None:
-    """Refuse the set-ups in which trained projections would not be trained as asked."""
-    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+def check_training_length(training_args: TrainingArguments) -> None:
+    """A run must train: at least one step (or, with max_steps -1, a positive number of epochs)."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise UserError(f"max_steps={training_args.max_steps}: must be >= 1 (or -1 to train num_train_epochs)")
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise UserError(f"num_train_epochs={training_args.num_train_epochs} with max_steps=-1: nothing would be trained")
+
+
+def is_zero3(trainer: CompressionDistillationTrainer) -> bool:
+    return trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def check_sharding(trainer: CompressionDistillationTrainer, distill_args: DistillationArguments) -> None:
+    """Every set-up that sharded training (DeepSpeed ZeRO-3, FSDP) cannot do as asked, refused in one place."""
+    if is_zero3(trainer) and distill_args.merge_adapter:
+        raise ValueError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
+    if not distill_args.train_projections:
+        return
+    if is_zero3(trainer):
         raise ValueError(
             "train_projections is not supported under DeepSpeed ZeRO-3: a partitioned parameter is gathered only "
             "inside its own module's forward, and the replay reads the projections from the attention layers; "
@@ -163,32 +170,58 @@ def check_projection_training(trainer: CompressionDistillationTrainer, distill_a
             )
 
 
-def _dtype(name: str | None) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.float32
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype (e.g. float32, bfloat16)")
-    return value
+def check_sliding_windows(model_args: ModelConfig, distill_args: DistillationArguments, revision: str) -> None:
+    """Refuse, before the weights load, blocks longer than a sliding-window layer's window (see `check_window`)."""
+    _, config = load_config(model_args.model_name_or_path, revision=revision)
+    for layer, window in enumerate(sliding_windows(config)):
+        check_window(window, layer, distill_args.block_len, f"{model_args.model_name_or_path} with block_len")
 
 
-def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | None = None) -> Path:
-    """Run one distillation; returns the output folder (weights + kv_compression/ + kvtrain_training.json)."""
-    init_cpu_distributed()
+@dataclass
+class Run:
+    """One distillation, built and ready to train: its arguments, the trainer and what the output records."""
+
+    lock: OutputLock
+    distill_args: DistillationArguments
+    kv_args: KVCompressionArguments
+    training_args: TrainingArguments
+    model_args: ModelConfig
+    kv_config: KVCompressionConfig
+    trainer: CompressionDistillationTrainer
+    tokenizer: object
+    fingerprint: dict
+    resume: str | None
+    resume_changes: list[str]
+    projections: TrainableProjections | None
+
+
+def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Run:
+    """Parse and check the arguments, load the student and its teacher, cut the data, make the trainer."""
     distill_args, kv_args, training_args, model_args = parse_args(argv)
     kv_config = kv_args.to_config()
+    check_training_length(training_args)
     if distill_args.train_projections:
         TrainableProjections.check_config(kv_config)
     check_output_dir(training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    lock = OutputLock(training_args.output_dir, " ".join(["train/distill.py", *(sys.argv[1:] if argv is None else argv)]))
+    for warning in lock.acquire():
+        logger.warning(warning)
     transformers.set_seed(training_args.seed)
-    resume = resolve_resume(distill_args, training_args)
+    record = run_record(distill_args, kv_config, training_args, model_args)
+    resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
+    resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
-    model, tokenizer = load_model(model_args.model_name_or_path, dtype=_dtype(model_args.dtype))
+    options = load_options(model_args)
+    check_sliding_windows(model_args, distill_args, options["revision"])
+    model, tokenizer = load_model(model_args.model_name_or_path, **options)
+    check_positions(model.config, distill_args.block_len, "block_len")
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
     if model_args.use_peft:
+        if "quantization_config" in options:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
         model = get_peft_model(model, get_peft_config(model_args))
         teacher = AdapterDisabledTeacher(model)
     else:
@@ -222,53 +255,76 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
         teacher=teacher,
         loyalty_blocks=loyalty_blocks,
         projections=projections,
+        run_record=record,
     )
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if zero3 and distill_args.merge_adapter:
-        raise ValueError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
-    if projections is not None:
-        check_projection_training(trainer, distill_args)
+    check_sharding(trainer, distill_args)
+    return Run(lock, distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint,
+               resume, resume_changes, projections)
 
-    if zero3:
-        trainer.add_callback(LoyaltyAtTrainBegin(trainer, resume))
+
+def train(run: Run):
+    """Loyalty before, the training loop (resumed if asked), loyalty after; returns the Trainer's result.
+
+    Under ZeRO-3 the untrained model can only be measured once the DeepSpeed engine exists (`LoyaltyAtTrainBegin`).
+    """
+    trainer = run.trainer
+    if is_zero3(trainer):
+        trainer.add_callback(LoyaltyAtTrainBegin(trainer, run.resume))
     else:
         trainer.log_loyalty("before")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=run.resume)
     trainer.log_loyalty("after")
+    return result
 
-    output_dir = Path(training_args.output_dir)
+
+def save(run: Run, result) -> Path:
+    """The weights (adapter, merged or full), the tokenizer, the `kv_compression/` bundle and the metadata."""
+    trainer, model_args, distill_args = run.trainer, run.model_args, run.distill_args
+    output_dir = Path(run.training_args.output_dir)
     merged = model_args.use_peft and distill_args.merge_adapter
     if merged:
         if trainer.accelerator.is_main_process:
             causal = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             causal.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
+            run.tokenizer.save_pretrained(output_dir)
         trainer.accelerator.wait_for_everyone()
     else:
         trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:
         write_artifacts(
             output_dir,
-            kv_config,
+            run.kv_config,
             {
                 "format": "adapter" if model_args.use_peft and not merged else "full",
                 "base_model": model_args.model_name_or_path,
-                "model_fingerprint": fingerprint,
+                "model_fingerprint": run.fingerprint,
                 "arguments": {
                     "distillation": dataclasses.asdict(distill_args),
-                    "compression": dataclasses.asdict(kv_args),
+                    "compression": dataclasses.asdict(run.kv_args),
                     "model": dataclasses.asdict(model_args),
-                    "training": training_args.to_dict(),
+                    "training": run.training_args.to_dict(),
                 },
-                "resumed_from": resume,
-                "projections": projections.metadata() if projections is not None else {"trained": False},
+                "resumed_from": run.resume,
+                "resume_changes": run.resume_changes,
+                "projections": run.projections.metadata() if run.projections is not None else {"trained": False},
                 "metrics": {
                     "train": result.metrics,
                     "loyalty": trainer.loyalty,
                     "log_history": trainer.state.log_history,
                 },
             },
-            projections=projections,
+            projections=run.projections,
         )
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Run one distillation; returns the output folder (weights + kv_compression/ + kvtrain_training.json)."""
+    init_cpu_distributed()
+    run = build(argv, callbacks)
+    try:
+        return save(run, train(run))
+    finally:
+        if run.trainer.accelerator.is_main_process:
+            run.lock.release()

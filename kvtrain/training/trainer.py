@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,15 +31,20 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from kvtrain.config import KVCompressionConfig
+from kvtrain.errors import NonFiniteError
 from kvtrain.eval.loyalty import evaluate_loyalty
-from kvtrain.generation import position_ids_from_mask
 from kvtrain.io import atomic_write_text
-from kvtrain.replay import Replay, replay_compression, replay_disabled
+from kvtrain.models.generation import eos_token_ids
+from kvtrain.runtime.compressor import LayerPairs
+from kvtrain.runtime.decode import position_ids_from_mask
+from kvtrain.runtime.replay import Replay, replay_compression, replay_disabled
 from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.losses import distillation_loss
+from kvtrain.training.numerics import check_finite_gradients, first_nonfinite_layer
 from kvtrain.training.on_policy import generate_continuations, step_generator
 from kvtrain.training.projections import CHECKPOINT_FILE, TrainableProjections
+from kvtrain.training.resume import RUN_FILE
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher, final_hidden_states
 
 _ON_POLICY_SALT = 1
@@ -63,6 +67,7 @@ class CompressionDistillationTrainer(Trainer):
         teacher: AdapterDisabledTeacher | FrozenCopyTeacher,
         loyalty_blocks: Tensor | None = None,
         projections: TrainableProjections | None = None,
+        run_record: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -77,7 +82,9 @@ class CompressionDistillationTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_replay: Replay | None = None
         self.projections = projections
+        self.run_record = run_record
         _check_head_supported(causal_lm(self.model))
+        _check_no_attention_dropout(causal_lm(self.model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step` with the replay bound over forward *and* backward: under gradient
@@ -86,9 +93,12 @@ class CompressionDistillationTrainer(Trainer):
         with self._replay(base) as replay:
             self._step_replay = replay
             try:
-                return super().training_step(model, inputs, num_items_in_batch)
+                loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._step_replay = None
+        if not self.is_deepspeed_enabled:  # DeepSpeed partitions the gradients; the loss check still holds
+            check_finite_gradients(model, self.state.global_step)
+        return loss
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -99,17 +109,18 @@ class CompressionDistillationTrainer(Trainer):
         base = causal_lm(self.accelerator.unwrap_model(model))
         on_policy = self._is_on_policy_step()
         if on_policy:
-            with replay_disabled(base), self._cache_config() as kv_config:
+            with replay_disabled(base):
                 ids, mask = generate_continuations(
                     self.accelerator.unwrap_model(model),
                     base,
-                    kv_config,
+                    self.kv_config,
                     ids[:, :prefill],
                     ids.shape[1],
                     temperature=self.distill_args.on_policy_temperature,
                     seed=self.args.seed + 7919 * self.state.global_step + self.accelerator.process_index,
                     pad_token_id=_pad_id(base, self.processing_class),
-                    eos_token_id=base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else None,
+                    eos_token_ids=eos_token_ids(base),
+                    projections=self._current_pairs(),
                 )
         positions = position_ids_from_mask(mask)
         # Logit at position i predicts token i + 1: supervise continuation tokens (i + 1 >= prefill) that are real.
@@ -127,6 +138,11 @@ class CompressionDistillationTrainer(Trainer):
             s_head, t_head = base.get_output_embeddings().weight, teacher.head_weight()
             with _gathered(s_head, t_head):
                 parts = distillation_loss(s_hidden, s_head, t_hidden, t_head, targets, spec)
+        if not torch.isfinite(parts.loss):
+            source = "the teacher's" if not torch.isfinite(t_hidden).all() else "the student's"
+            where = first_nonfinite_layer(base, ids, mask, positions)
+            raise NonFiniteError(f"step {self.state.global_step}: the distillation loss is {parts.loss.item()} "
+                                 f"({source} hidden states are not finite; {where}); training stopped")
         self._metrics["distill_loss"].append(parts.loss.item())
         self._metrics["divergence"].append(parts.divergence.item())
         self._metrics["ce"].append(parts.ce.item())
@@ -145,18 +161,10 @@ class CompressionDistillationTrainer(Trainer):
         pairs = self.projections.layer_pairs() if self.projections is not None else None
         return replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len, projections=pairs)
 
-    @contextlib.contextmanager
-    def _cache_config(self):
-        """The compression config for what reads projections from a file (`CompressedCache`, loyalty): with
-        trained projections, a copy naming a snapshot of their current values."""
-        if self.projections is None:
-            yield self.kv_config
-            return
-        with tempfile.TemporaryDirectory(prefix="kvtrain-projections-") as folder:
-            path = Path(folder) / "projections.safetensors"
-            self.projections.save(path)
-            lowrank = dataclasses.replace(self.kv_config.lowrank, projections=str(path))
-            yield dataclasses.replace(self.kv_config, lowrank=lowrank)
+    def _current_pairs(self) -> LayerPairs | None:
+        """The projections being learned, for what runs the compressed cache outside the replay (sampling,
+        loyalty): the cache computes with these tensors, no file in between."""
+        return self.projections.layer_pairs() if self.projections is not None else None
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -209,16 +217,16 @@ class CompressionDistillationTrainer(Trainer):
                     return hidden @ head.T
 
         try:
-            with self._cache_config() as kv_config:
-                result = evaluate_loyalty(
-                    causal_lm(model),
-                    [kv_config],
-                    self.loyalty_blocks.to(self.args.device),
-                    context_len=self.distill_args.prefill_len,
-                    reference=teacher_logits,
-                    method="replay",
-                    progress=False,
-                )[0].to_dict()
+            result = evaluate_loyalty(
+                causal_lm(model),
+                [self.kv_config],
+                self.loyalty_blocks.to(self.args.device),
+                context_len=self.distill_args.prefill_len,
+                reference=teacher_logits,
+                method="replay",
+                progress=False,
+                projections=self._current_pairs(),
+            )[0].to_dict()
         finally:
             model.train(was_training)
         self._record_loyalty(tag, result)
@@ -242,6 +250,8 @@ class CompressionDistillationTrainer(Trainer):
             self.projections.save(staging / CHECKPOINT_FILE)
         if self.loyalty and self.args.should_save:
             atomic_write_text(staging / LOYALTY_FILE, json.dumps(self.loyalty, indent=1))
+        if self.run_record is not None and self.args.should_save:
+            atomic_write_text(staging / RUN_FILE, json.dumps(self.run_record, indent=1, default=str))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.publish(staging, checkpoints.final_dir(run_dir, self.state.global_step))
@@ -277,7 +287,8 @@ class CompressionDistillationTrainer(Trainer):
 
 
 def _pad_id(model, tokenizer) -> int:
-    for source in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, model.config.eos_token_id):
+    eos = eos_token_ids(model)
+    for source in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, eos[0] if eos else None):
         if isinstance(source, int):
             return source
     raise ValueError("on-policy generation needs a pad token: the tokenizer and the model config define none")
@@ -294,6 +305,14 @@ def _gathered(*weights: Tensor):
 
     with deepspeed.zero.GatheredParameters(partitioned):
         yield
+
+
+def _check_no_attention_dropout(model) -> None:
+    """Refused here, before loyalty and the first step, what the attention function would refuse in training."""
+    dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        raise ValueError(f"{type(model).__name__}: attention_dropout={dropout} in the model config: attention dropout "
+                         "is not supported by kvtrain's compressed cache and replay; set it to 0 in config.json")
 
 
 def _check_head_supported(model) -> None:

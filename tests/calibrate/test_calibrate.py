@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtrain.attention import observe_attention
-from kvtrain.calibrate import calibrate, load_artifacts
-from kvtrain.calibrate.artifacts import ARTIFACT_DIR, PROJECTIONS, read_projections
-from kvtrain.calibrate.run import STATE_DIR, token_hash
+from kvtrain.artifacts.calibration import ARTIFACT_DIR, load_artifacts
+from kvtrain.artifacts.projections import PROJECTIONS, read_projections
+from kvtrain.calibrate.run import STATE_DIR, calibrate, token_hash
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.models import tiny_model, tiny_tokenizer
 from kvtrain.policies.budgets import layer_budgets
 from kvtrain.policies.expected_attention import ExpectedAttentionScorer
+from kvtrain.runtime.routing import observe_attention
 
 N_BLOCKS, BLOCK_LEN, D = 4, 48, 16
 COMMON = dict(num_blocks=N_BLOCKS, block_len=BLOCK_LEN, tada_blocks=1, tada_group_size=8, head_budget=32,
@@ -221,7 +221,7 @@ def test_global_rank_budget_and_energy_ranks(tmp_path, tokenizer):
 def test_cli_calibrate(tmp_path, tokenizer):
     import argparse
 
-    from kvtrain.calibrate import add_calibrate_parser
+    from kvtrain.calibrate.cli import add_calibrate_parser
 
     model = tiny_model()
     model.save_pretrained(tmp_path / "model")

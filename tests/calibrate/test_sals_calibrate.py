@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvtrain.attention import observe_attention
-from kvtrain.calibrate import calibrate, load_artifacts
-from kvtrain.calibrate.artifacts import ARTIFACT_DIR
-from kvtrain.calibrate.run import STATE_DIR
-from kvtrain.calibrate.sals_basis import SALS_BASIS, read_sals_basis
+from kvtrain.artifacts.calibration import ARTIFACT_DIR, load_artifacts
+from kvtrain.artifacts.sals_basis import SALS_BASIS, read_sals_basis
+from kvtrain.calibrate.run import STATE_DIR, calibrate
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.models import tiny_model, tiny_tokenizer
+from kvtrain.runtime.routing import observe_attention
 from tests.calibrate.test_calibrate import Interrupt, interrupt_at
 
 N_BLOCKS, BLOCK_LEN = 4, 48

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from kernel_checks import assert_close  # noqa: I001  (must precede kvtrain.kernels)
-
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import assert_close  # noqa: I001  (must precede kvtrain.kernels)
 
 from kvtrain.kernels import decode_attention, dequantize, keyset_attention, quantize
 from kvtrain.kernels.reference import decode_attention_reference, keyset_attention_reference

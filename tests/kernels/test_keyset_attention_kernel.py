@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from kernel_checks import DEVICE, FORWARD_TOL, GRAD_TOL, assert_close  # noqa: I001  (must precede kvtrain.kernels)
-
 import pytest
 import torch
+from kernel_checks import DEVICE, FORWARD_TOL, GRAD_TOL, assert_close  # noqa: I001  (must precede kvtrain.kernels)
 
 from kvtrain.kernels import keyset_attention
 from kvtrain.kernels.reference import keyset_attention_reference

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from kernel_checks import DEVICE  # noqa: I001  (must precede kvtrain.kernels)
-
 import pytest
 import torch
+from kernel_checks import DEVICE  # noqa: I001  (must precede kvtrain.kernels)
 
 from kvtrain.kernels import dequantize, quantize
 from kvtrain.quant import packing

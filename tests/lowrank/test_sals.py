@@ -12,15 +12,14 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvtrain.lowrank.gram import JointKeyGramAccumulator
 from kvtrain.lowrank.sals import (
-    apply_rope,
     compress_keys,
     fit_sals_basis,
     latent_queries,
     latent_scores,
-    rope_cos_sin,
     sals_decode_attention,
     select_tokens,
 )
+from kvtrain.models.rope import apply_rope, rope_cos_sin
 
 H_KV, G, D, THETA = 2, 2, 4, 500.0
 

@@ -8,18 +8,15 @@ import json
 import pytest
 import torch
 
-from kvtrain.quant.bitplan import (
+from kvtrain.artifacts.quant_plan import (
     CANDIDATE_BITS,
     Budget,
     QuantPlan,
     QuantPlanError,
-    exact_bits,
-    greedy_bits,
-    layer_costs,
-    plan_bits,
     read_quant_plan,
     write_quant_plan,
 )
+from kvtrain.quant.bitplan import exact_bits, greedy_bits, layer_costs, plan_bits
 from kvtrain.quant.tada import bytes_per_token
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from kvtrain.artifacts.checkpoint import COMPRESSION_CONFIG
 from kvtrain.config import KVCompressionConfig
-from kvtrain.training.artifacts import COMPRESSION_CONFIG, write_artifacts
+from kvtrain.training.output import write_artifacts
 
 
 def test_referenced_files_are_bundled_and_resolved(tmp_path):

@@ -57,8 +57,8 @@ def test_zero2_matches_ddp(tiny_model_dir, tmp_path, ddp_losses):
 
 @pytest.mark.slow  # the first run also JIT-compiles DeepSpeedCPUAdam for the offloaded optimizer (~3 min)
 def test_zero3_offload_matches_ddp_and_loads(tiny_model_dir, tmp_path, ddp_run, ddp_losses):
-    from kvtrain.replay import replay_compression
-    from kvtrain.training.artifacts import load_compressed
+    from kvtrain.runtime.pretrained import load_compressed
+    from kvtrain.runtime.replay import replay_compression
 
     zero3 = run_distill(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), *RUN],
                         launcher=_launch("zero3.yaml", "29547"), env={"DS_ACCELERATOR": "cpu"}, timeout=900)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvtrain.models import model_fingerprint, tiny_model, tiny_tokenizer
-from kvtrain.training import load_compressed
+from kvtrain.runtime.pretrained import load_compressed
 from kvtrain.training.run import main
 from tests.training.conftest import REPO, TINY_ARGS, run_distill, step_losses, training_metadata
 

@@ -14,12 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from kvtrain.calibrate.artifacts import read_projections, sha256_file
+from kvtrain.artifacts.format import sha256_file
+from kvtrain.artifacts.projections import read_projections
 from kvtrain.calibrate.run import calibrate
 from kvtrain.lowrank import LowRankPair
 from kvtrain.models import load_model
-from kvtrain.replay import replay_compression
-from kvtrain.training import load_compressed
+from kvtrain.runtime.pretrained import load_compressed
+from kvtrain.runtime.replay import replay_compression
 from kvtrain.training.projections import ATTRIBUTE, CHECKPOINT_FILE
 from kvtrain.training.run import main
 from tests.training.conftest import REPO, TINY_ARGS, run_distill, step_losses, training_metadata

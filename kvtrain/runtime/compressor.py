@@ -1,0 +1,343 @@
+"""One compression event of one layer: score -> protect -> select -> (merge) -> gather.
+
+This is the only place where a policy is applied. `CompressedCache` calls it during decoding and
+replay calls it inside a teacher-forced forward, with the same inputs in the same order, which is what
+makes replayed logits equal step-by-step decode logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kvtrain.artifacts.projections import LowRankPair, read_projections_for_model
+from kvtrain.artifacts.quant_plan import QuantPlan, read_quant_plan
+from kvtrain.config import ConfigError, KVCompressionConfig, LayerPolicy, LowRankConfig
+from kvtrain.models.rope import RopeFn, model_rope
+from kvtrain.policies import ScoreInputs, build_scorer
+from kvtrain.policies.keepkv import KeepKVMerger
+from kvtrain.policies.select import protected_mask, select
+from kvtrain.runtime.binding import check_codec_dims, check_config_for_model
+from kvtrain.runtime.codecs import ChainCodec, Codec, LowRankCodec, TadaCodec
+from kvtrain.runtime.storage import TokenStore
+
+_SCORER_STATE = "scorer."
+_MERGE_STATE = "merge."
+
+
+@dataclass
+class StoredKV:
+    """What one layer holds between events; dim 2 is sorted by position for every (row, KV head)."""
+
+    key_store: TokenStore
+    value_store: TokenStore
+    positions: Tensor  # [b, h_kv, n] long, -1 for empty slots
+    valid: Tensor  # [b, h_kv, n] bool
+    has_history: Tensor  # [b, h_kv, n] bool: survived an event
+    log_votes: Tensor | None = None  # [b, h_kv, n] when merging
+    state: dict[str, Tensor] = field(default_factory=dict)  # per-token policy state, [b, h_kv, n] each
+
+    @classmethod
+    def empty(cls, like: Tensor, *, merging: bool, codecs: "LayerCodecs", straight_through: bool) -> "StoredKV":
+        b, h, _, d = like.shape
+        zeros = like.new_zeros(b, h, 0)
+        return cls(
+            key_store=TokenStore(like.new_zeros(b, h, 0, d), codecs.keys, straight_through=straight_through),
+            value_store=TokenStore(like.new_zeros(b, h, 0, d), codecs.values, straight_through=straight_through),
+            positions=zeros.long(),
+            valid=zeros.bool(),
+            has_history=zeros.bool(),
+            log_votes=zeros.float() if merging else None,
+        )
+
+    @property
+    def keys(self) -> Tensor:
+        """[b, h_kv, n, d] as attention sees them (decoded)."""
+        return self.key_store.view()
+
+    @property
+    def values(self) -> Tensor:
+        return self.value_store.view()
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.key_store.nbytes + self.value_store.nbytes
+
+    def append(self, keys: Tensor, values: Tensor, first_position: int, valid: Tensor) -> "StoredKV":
+        """Add new tokens (positions first_position..) after the stored ones; `valid` is [b, q]."""
+        b, h, q, _ = keys.shape
+        positions = torch.arange(first_position, first_position + q, device=keys.device)
+        new_valid = valid[:, None, :].expand(b, h, q)
+        votes = None
+        if self.log_votes is not None:
+            votes = torch.cat([self.log_votes, self.log_votes.new_zeros(b, h, q)], dim=2)
+        state = {name: torch.cat([t, t.new_zeros(b, h, q)], dim=2) for name, t in self.state.items()}
+        return StoredKV(
+            key_store=self.key_store.append(keys),
+            value_store=self.value_store.append(values),
+            positions=torch.cat([self.positions, positions.expand(b, h, q)], dim=2),
+            valid=torch.cat([self.valid, new_valid], dim=2),
+            has_history=torch.cat([self.has_history, torch.zeros_like(new_valid)], dim=2),
+            log_votes=votes,
+            state=state,
+        )
+
+    def attention_bias(self) -> Tensor:
+        """Additive logit bias over the stored slots: log votes, -inf for empty slots. [b, h_kv, n]."""
+        bias = self.log_votes.float() if self.log_votes is not None else torch.zeros(self.valid.shape, device=self.valid.device)
+        return bias.masked_fill(~self.valid, float("-inf"))
+
+
+@dataclass
+class LayerCodecs:
+    """How a layer archives keys and values (None: full precision)."""
+
+    keys: Codec | None = None
+    values: Codec | None = None
+
+
+@dataclass
+class EventRecord:
+    """Kept positions after one event: `kept` [b, h_kv, k] (column indices, -1 = empty slot)."""
+
+    tokens_seen: int
+    kept: Tensor
+
+
+class LayerCompressor:
+    """A layer's policy, built once from its `LayerPolicy`, applied at each event. `rope` is the model's rotary
+    embedding, handed to scorers that rotate or un-rotate queries (None: the default RoPE of `ScoreInputs`)."""
+
+    def __init__(self, policy: LayerPolicy, codecs: LayerCodecs | None = None, rope: RopeFn | None = None):
+        self.policy = policy
+        self.codecs = codecs or LayerCodecs()
+        self.rope = rope
+        self.scorer = build_scorer(policy.scorer.name, policy.scorer.params)
+        merge = policy.merge
+        self.merger = (
+            KeepKVMerger(threshold=merge.threshold, ema_alpha=merge.ema_alpha, max_rescale=merge.max_rescale)
+            if merge
+            else None
+        )
+
+    def __call__(
+        self,
+        stored: StoredKV,
+        queries: Tensor,
+        query_positions: Tensor,
+        rope_offset: Tensor,
+        tokens_seen: int,
+        last_event_position: int,
+        scaling: float,
+    ) -> tuple[StoredKV, EventRecord | None]:
+        """Run one event. Returns the new stored set and what was kept (None if nothing was evicted)."""
+        policy = self.policy
+        inputs = ScoreInputs(
+            keys=stored.keys,
+            values=stored.values,
+            positions=stored.positions,
+            valid=stored.valid,
+            has_history=stored.has_history,
+            queries=queries,
+            query_positions=query_positions,
+            rope_offset=rope_offset,
+            scaling=scaling,
+            layer_idx=policy.layer_idx,
+            last_event_position=last_event_position,
+            log_votes=stored.log_votes,
+            rope=self.rope,
+        )
+        # Scoring and selection are discrete decisions: no gradient flows through them, while the kept
+        # keys and values (gathered or merged below) stay differentiable for training.
+        with torch.no_grad():
+            scorer_state = _prefixed(stored.state, _SCORER_STATE)
+            scores, scorer_state = self.scorer(_detached(inputs), scorer_state)
+        budget = policy.budget_at(tokens_seen)
+        over_budget = int(stored.valid.sum(dim=2).max()) > budget
+        if not over_budget:
+            # Stateful scorers still account for the queries of this interval, and the recent tokens are
+            # archived through the codecs all the same.
+            state = {**_prefix(scorer_state, _SCORER_STATE), **_pick(stored.state, _MERGE_STATE)}
+            flushed = {"key_store": stored.key_store.flush(), "value_store": stored.value_store.flush()}
+            return StoredKV(**{**stored.__dict__, **flushed, "state": state}), None
+        with torch.no_grad():
+            protected = protected_mask(
+                stored.positions,
+                stored.valid,
+                sinks=policy.sinks,
+                recent=policy.recent,
+                seen=tokens_seen,
+                whitelist=policy.whitelist,
+            )
+            keep_idx, keep_valid = select(
+                scores,
+                stored.valid,
+                stored.positions,
+                budget,
+                protected=protected,
+                mode=policy.selection,
+                safeguard=policy.safeguard,
+                spans=policy.fair_spans or None,
+            )
+        if self.merger is not None:
+            keys, values, log_votes, merge_state = self.merger(
+                inputs, _prefixed(stored.state, _MERGE_STATE), keep_idx, keep_valid
+            )
+            key_store, value_store = TokenStore(keys), TokenStore(values)
+        else:
+            key_store, value_store = stored.key_store.gather(keep_idx), stored.value_store.gather(keep_idx)
+            log_votes, merge_state = None, {}
+        positions = torch.gather(stored.positions, 2, keep_idx).masked_fill(~keep_valid, -1)
+        state = {
+            **{_SCORER_STATE + k: torch.gather(v, 2, keep_idx) for k, v in scorer_state.items()},
+            **_prefix(merge_state, _MERGE_STATE),
+        }
+        kept = StoredKV(
+            key_store=key_store,
+            value_store=value_store,
+            positions=positions,
+            valid=keep_valid,
+            has_history=keep_valid.clone(),
+            log_votes=log_votes,
+            state=state,
+        )
+        return kept, EventRecord(tokens_seen=tokens_seen, kept=positions)
+
+
+# Per layer, the key-side and the value-side low-rank pair (None where that side is not low rank).
+LayerPairs = tuple[list[LowRankPair | None], list[LowRankPair | None]]
+
+
+def build_compressors(
+    config: KVCompressionConfig, model, *, projections: LayerPairs | None = None
+) -> list[LayerCompressor | None]:
+    """One compressor per layer of `model` (None for dense layers), with the codecs the config asks for.
+
+    `projections` replaces the pairs read from `config.lowrank.projections` (see `layer_codecs`). The model's
+    rotary embedding is taken once here, in float32, for the scorers that un-rotate queries (Expected Attention):
+    with rope scaling (Llama-3.1's llama3, YaRN) the default frequencies would be wrong.
+    """
+    model_config = model.config
+    check_config_for_model(config, model_config)
+    num_layers = model_config.num_hidden_layers
+    codecs = layer_codecs(config, model_config, projections=projections)
+    check_codec_dims(codecs, model_config, config)
+    rope = model_rope(model, dtype=torch.float32)
+    compressors = []
+    for i in range(num_layers):
+        policy = config.layer_policy(i, num_layers)
+        compressors.append(LayerCompressor(policy, codecs[i], rope) if policy is not None else None)
+    return compressors
+
+
+def layer_codecs(
+    config: KVCompressionConfig, model_config, *, projections: LayerPairs | None = None
+) -> list[LayerCodecs]:
+    """Per layer, the codecs of keys and values. The low-rank pairs come from `config.lowrank.projections`,
+    or from `projections` when given: training passes the pairs it is learning, so that the codecs compute
+    with those very tensors (and gradients reach them) instead of the file's frozen copy."""
+    num_layers = model_config.num_hidden_layers
+    key_pairs = value_pairs = [None] * num_layers
+    if projections is not None:
+        key_pairs, value_pairs = _supplied_pairs(projections, config, num_layers)
+    elif config.lowrank is not None:
+        key_pairs, value_pairs = projections_for(config.lowrank, model_config)
+    key_bits = value_bits = [None] * num_layers
+    group = 0
+    if config.quant is not None:
+        key_bits, value_bits = [config.quant.key_bits] * num_layers, [config.quant.value_bits] * num_layers
+        group = config.quant.group_size
+        if config.quant.plan:
+            plan_bits = checked_quant_plan(config, num_layers).bits
+            key_bits = [b if config.quant.key_bits is not None else None for b in plan_bits]
+            value_bits = [b if config.quant.value_bits is not None else None for b in plan_bits]
+    return [
+        LayerCodecs(_codec(key_pairs[i], key_bits[i], group), _codec(value_pairs[i], value_bits[i], group))
+        for i in range(num_layers)
+    ]
+
+
+def checked_quant_plan(config: KVCompressionConfig, num_layers: int) -> QuantPlan:
+    """The calibrated TaDA plan of `config.quant.plan`, refused where it disagrees with the config or the model.
+
+    Its bits were chosen by measuring each layer quantised at the plan's `group_size`, so the config must
+    quantise with that group size; its `residual_length` (tokens kept in full precision) is, at run time, the
+    tokens since the last event, i.e. `schedule.interval`.
+    """
+    path = config.quant.plan
+    plan = read_quant_plan(path)
+    if len(plan.bits) != num_layers:
+        raise ConfigError(f"{path}: {len(plan.bits)} layers in the plan, the model has {num_layers}")
+    if plan.group_size != config.quant.group_size:
+        raise ConfigError(
+            f"{path}: group_size={plan.group_size} but quant.group_size={config.quant.group_size}: the plan's bits "
+            f"were chosen at its group size; set quant.group_size: {plan.group_size}"
+        )
+    if plan.residual_length != config.schedule.interval:
+        raise ConfigError(
+            f"{path}: residual_length={plan.residual_length} but schedule.interval={config.schedule.interval}: the "
+            "cache keeps the tokens since the last event (at most schedule.interval) in full precision; set "
+            f"schedule.interval: {plan.residual_length} or calibrate with --tada-residual-length "
+            f"{config.schedule.interval}"
+        )
+    return plan
+
+
+def projections_for(lowrank: LowRankConfig, model_config) -> LayerPairs:
+    """Per-layer key and value pairs for a `LowRankConfig`: read, checked against the model, truncated."""
+    path = Path(lowrank.projections)
+    projections = read_projections_for_model(path, model_config)
+    sides = []
+    for use, rank, pairs, side in (
+        (lowrank.keys, lowrank.key_rank, projections.keys, "key"),
+        (lowrank.values, lowrank.value_rank, projections.values, "value"),
+    ):
+        if not use:
+            sides.append([None] * len(pairs))
+            continue
+        if rank is not None and any(rank > p.rank for p in pairs):
+            raise ValueError(f"{path}: {side} rank {rank} requested, the file holds ranks {[p.rank for p in pairs]}")
+        sides.append([p.truncate(rank) if rank is not None else p for p in pairs])
+    return sides[0], sides[1]
+
+
+def _supplied_pairs(projections: LayerPairs, config: KVCompressionConfig, num_layers: int) -> LayerPairs:
+    if config.lowrank is None:
+        raise ValueError("low-rank projections were supplied, but the compression config has no `lowrank` section")
+    key_pairs, value_pairs = projections
+    for side, pairs in (("key", key_pairs), ("value", value_pairs)):
+        if len(pairs) != num_layers:
+            raise ValueError(f"{len(pairs)} {side} projection pairs supplied, the model has {num_layers} layers")
+    return key_pairs, value_pairs
+
+
+def _codec(pair: LowRankPair | None, bits: int | None, group_size: int) -> Codec | None:
+    lowrank = LowRankCodec(pair) if pair is not None else None
+    tada = TadaCodec(bits, group_size) if bits is not None else None
+    if lowrank is not None and tada is not None:
+        return ChainCodec(lowrank, tada)
+    return lowrank or tada
+
+
+def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _pick(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _detached(inputs: ScoreInputs) -> ScoreInputs:
+    fields = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in inputs.__dict__.items()}
+    return ScoreInputs(**fields)

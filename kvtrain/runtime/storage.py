@@ -1,0 +1,113 @@
+"""How one side (keys or values) of a layer's cache is held: an encoded archive plus recent tokens.
+
+Tokens arrive in full precision and stay so until the next compression event, which archives the
+survivors through the layer's codec (low-rank coefficients, TaDA-packed deviations, or both). Attention
+and scoring always read `view()`: the decoded archive followed by the recent tokens. The recent tokens
+are the TaDA residual buffer; its length is bounded by the compression interval.
+
+Replay keeps the archive as *round-tripped* full tensors instead of encoded ones (`straight_through`),
+with the same values, so gradients pass through quantisation (straight-through estimator) and through
+low-rank projections (which are linear).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvtrain.runtime.codecs import Codec, Encoded
+
+
+@dataclass
+class TokenStore:
+    """One side of a layer's cache: `archive` (encoded, or round-tripped when straight-through) + `recent`."""
+
+    recent: Tensor  # [b, h, m, d] full precision
+    codec: Codec | None = None
+    archive: Encoded | None = None
+    straight_through: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.archive_length + self.recent.shape[2]
+
+    @property
+    def archive_length(self) -> int:
+        if self.archive is None:
+            return 0
+        return next(iter(self.archive.values())).shape[2]
+
+    def view(self) -> Tensor:
+        """All tokens as attention sees them: [b, h, n, d]."""
+        if self.archive is None:
+            return self.recent
+        if self.straight_through:
+            archived = self.archive["x"]
+        else:
+            archived = self.codec.decode(self.archive, self.recent.dtype)
+        return torch.cat([archived, self.recent], dim=2)
+
+    def take(self, idx: Tensor) -> Tensor:
+        """Tokens `idx` [b, h, k] (columns of `view()`) as attention sees them, decoding only those: [b, h, k, d]."""
+        n_archived, n_recent = self.archive_length, self.recent.shape[2]
+        if n_archived == 0:
+            return _gather(self.recent, idx)
+        archived_idx = idx.clamp(max=n_archived - 1)
+        if self.straight_through:
+            archived = _gather(self.archive["x"], archived_idx)
+        else:
+            shared = self.codec.shared_across_heads
+            if shared and not bool((idx == idx[:, :1]).all()):
+                raise ValueError("taking different tokens per KV head from an archive whose data is shared by the heads")
+            picked = {
+                name: _gather(t, archived_idx[:, :1] if name in shared else archived_idx) for name, t in self.archive.items()
+            }
+            archived = self.codec.decode(picked, self.recent.dtype)
+        if n_recent == 0:
+            return archived
+        recent = _gather(self.recent, (idx - n_archived).clamp(0, n_recent - 1))
+        return torch.where((idx < n_archived)[..., None], archived, recent)
+
+    def append(self, x: Tensor) -> "TokenStore":
+        return TokenStore(torch.cat([self.recent, x], dim=2), self.codec, self.archive, self.straight_through)
+
+    def _all_encoded(self) -> Encoded:
+        """Archive and recent tokens together, the recent ones encoded now."""
+        if self.straight_through:
+            fresh = {"x": self.codec.roundtrip(self.recent)}
+        else:
+            fresh = self.codec.encode(self.recent)
+        if self.archive is None:
+            return fresh
+        return {name: torch.cat([self.archive[name], fresh[name]], dim=2) for name in fresh}
+
+    def gather(self, idx: Tensor) -> "TokenStore":
+        """Keep tokens `idx` [b, h, k] (positions along dim 2); the survivors are archived through the codec."""
+        if self.codec is None:
+            return TokenStore(_gather(self.recent, idx))
+        encoded = self._all_encoded()
+        shared = set() if self.straight_through else self.codec.shared_across_heads
+        if shared and not bool((idx == idx[:, :1]).all()):
+            raise ValueError(
+                "a codec with per-token data shared by all KV heads (TaDA's mean) needs the same kept tokens in "
+                "every head: use selection 'per_layer' with quantisation"
+            )
+        archive = {name: _gather(t, idx[:, :1] if name in shared else idx) for name, t in encoded.items()}
+        return TokenStore(self.recent[:, :, :0], self.codec, archive, self.straight_through)
+
+    def flush(self) -> "TokenStore":
+        """Archive the recent tokens without evicting any (a compression event under budget)."""
+        if self.codec is None or self.recent.shape[2] == 0:
+            return self
+        return TokenStore(self.recent[:, :, :0], self.codec, self._all_encoded(), self.straight_through)
+
+    @property
+    def nbytes(self) -> int:
+        archived = sum(t.nbytes for t in self.archive.values()) if self.archive is not None else 0
+        return archived + self.recent.nbytes
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    return torch.gather(x, 2, idx[..., None].expand(*idx.shape, x.shape[-1]))
