@@ -140,7 +140,8 @@ CAUSES = [
 # ----------------------------------------------------------------------------------------------- export
 def export(work: Path, windows: int) -> None:
     _, tokenizer = load_model("smollm2-135m")
-    blocks = token_blocks(tokenizer, load_texts(None, split="heldout"), CONTEXT_LEN + CONTINUATION_LEN, n_blocks=windows)
+    texts = load_texts(None, split="heldout")
+    blocks = token_blocks(tokenizer, texts, CONTEXT_LEN + CONTINUATION_LEN, n_blocks=windows)
     lines = [json.dumps({"window": i, "context_len": CONTEXT_LEN, "ids": row.tolist()}) for i, row in enumerate(blocks)]
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "prompts.jsonl", "\n".join(lines) + "\n")
@@ -203,20 +204,23 @@ def save_torch(obj, path: Path) -> None:
 
 
 @torch.no_grad()
-def run_ours(work: Path, names: list[str], ratios: list[float], windows: int, method: str) -> None:
-    """Runs every (variant, ratio, window) not already in ``ours_<method>.pt``, saving after each window, so a
-    killed run resumes where it stopped."""
-    path = work / f"ours_{method}.pt"
+def run_ours(work: Path, names: list[str], ratios: list[float], windows: int, method: str, first: int = 0) -> None:
+    """Runs every (variant, ratio, window) of windows ``first..windows-1`` not already in its output file, saving
+    after each window, so a killed run resumes where it stopped. Runs with different ``first`` write different
+    files (``ours_<method>.pt``, ``ours_<method>.from<first>.pt``), so they can share a machine; the report
+    merges them."""
+    path = work / (f"ours_{method}.pt" if first == 0 else f"ours_{method}.from{first}.pt")
     done = torch.load(path) if path.exists() else None
     runs = done["runs"] if done else {}
     info = done["provenance"] if done else {**provenance(), "cpu": cpu_model(), "method": method}
     versions = {name: version(name) for name in ("kvtrain", "transformers", "torch")}
     model, _ = load_model("smollm2-135m")
     use_kvtrain_attention(model)  # the full-cache reference runs through it too, as in `evaluate_loyalty`
-    prompts = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()][:windows]
-    todo = [(w, n, r) for w in range(len(prompts)) for n in names for r in ratios if (n, r, w) not in runs]
+    prompts = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()][first:windows]
+    todo = [(p["window"], n, r) for p in prompts for n in names for r in ratios if (n, r, p["window"]) not in runs]
     with tqdm(total=len(todo), desc="ours") as progress:
-        for window, prompt in enumerate(prompts):
+        for prompt in prompts:
+            window = prompt["window"]
             mine = [(n, r) for w, n, r in todo if w == window]
             if not mine:
                 continue
@@ -270,11 +274,9 @@ def variant_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[flo
         policy = VARIANTS[name].policy
         for ratio in ratios:
             ours, theirs = window_kls(runs, name, ratio, windows), window_kls(kv_runs, policy, ratio, windows)
+            pairs = [zip(runs[(name, ratio, w)]["layers"], kv_runs[(policy, ratio, w)]["layers"]) for w in windows]
             agreement = torch.tensor(
-                [
-                    [layer_agreement(o, t, policy) for o, t in zip(runs[(name, ratio, w)]["layers"], kv_runs[(policy, ratio, w)]["layers"])]
-                    for w in windows
-                ]
+                [[layer_agreement(o, t, policy) for o, t in layers] for layers in pairs]
             ).mean(dim=0)  # [layers, (jaccard, spearman)]
             rows.append(
                 {
@@ -297,42 +299,79 @@ def variant_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[flo
     return rows, layer_rows
 
 
+HEADLINE_SIDES = ("bench", "kvpress protocol", "kvpress settings")
+
+
 def headline_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[float]) -> list[dict]:
-    """Per policy and ratio: our KL before and after this comparison, and kvpress's (mean and std over windows)."""
+    """Per policy and ratio: kvpress's KL and ours under each `HEADLINE` setting (mean and std over windows),
+    with the ratio to kvpress's and its per-window range."""
     rows = []
-    ran = {name for name, _, _ in runs}
-    for policy, (before, after) in HEADLINE.items():
-        if not {before, after} <= ran:
-            continue
+    for policy, names in HEADLINE.items():
         for ratio in ratios:
-            kls = {
-                "before": window_kls(runs, before, ratio, windows),
-                "after": window_kls(runs, after, ratio, windows),
-                "kvpress": window_kls(kv_runs, policy, ratio, windows),
-            }
+            theirs = window_kls(kv_runs, policy, ratio, windows)
             row = {"policy": policy, "ratio": ratio}
-            for side, kl in kls.items():
-                row[f"kl_{side}"], row[f"std_{side}"] = float(kl.mean()), float(kl.std())
-            for side in ("before", "after"):
-                row[f"{side} / kvpress"] = row[f"kl_{side}"] / row["kl_kvpress"]
-                row[f"{side} / kvpress per window"] = ratio_range(kls[side] / kls["kvpress"])
+            row["kl_kvpress"], row["std_kvpress"] = float(theirs.mean()), float(theirs.std())
+            for side, name in zip(HEADLINE_SIDES, names):
+                ours = window_kls(runs, name, ratio, windows)
+                row[f"kl_{side}"], row[f"std_{side}"] = float(ours.mean()), float(ours.std())
+                row[f"{side} / kvpress"] = float(ours.mean() / theirs.mean())
+                row[f"{side} / kvpress per window"] = ratio_range(ours / theirs)
             rows.append(row)
     return rows
 
 
+def cause_rows(runs: dict, kv_runs: dict, windows: list[int], ratios: list[float]) -> list[dict]:
+    """Per candidate cause and ratio: the KL of the two variants that differ in that setting only, each as a
+    ratio to kvpress's, and how much of the gap between them the change closes."""
+    rows = []
+    for policy, cause, before, after in CAUSES:
+        for ratio in ratios:
+            theirs = window_kls(kv_runs, policy, ratio, windows)
+            kls = {side: window_kls(runs, name, ratio, windows) for side, name in (("from", before), ("to", after))}
+            rows.append(
+                {
+                    "policy": policy,
+                    "change": cause,
+                    "ratio": ratio,
+                    "kl_from": float(kls["from"].mean()),
+                    "kl_to": float(kls["to"].mean()),
+                    "kl_kvpress": float(theirs.mean()),
+                    "from / kvpress": float(kls["from"].mean() / theirs.mean()),
+                    "to / kvpress": float(kls["to"].mean() / theirs.mean()),
+                    "to / from per window": ratio_range(kls["to"] / kls["from"]),
+                }
+            )
+    return rows
+
+
+def complete_windows(runs: dict) -> list[int]:
+    """Windows for which every (variant, ratio) in the run is present: a resumed run may stop mid-window."""
+    keys = {(n, r) for n, r, _ in runs}
+    return sorted(w for w in {w for _, _, w in runs} if all((n, r, w) in runs for n, r in keys))
+
+
+def part_windows(part: dict) -> list[int]:
+    return sorted({window for _, _, window in part["runs"]})
+
+
 def report(work: Path, out: Path, method: str) -> None:
-    ours, theirs = torch.load(work / f"ours_{method}.pt"), torch.load(work / "kvpress.pt")
-    runs, kv_runs = ours["runs"], theirs["runs"]
-    windows = sorted({w for _, _, w in runs})  # our run may cover fewer windows, ratios or variants
+    paths = sorted(work.glob(f"ours_{method}*.pt"), key=lambda path: path.name != f"ours_{method}.pt")
+    parts = [torch.load(path) for path in paths]
+    ours, theirs = parts[0], torch.load(work / "kvpress.pt")
+    merged = {key: run for part in parts for key, run in part["runs"].items()}
+    windows = complete_windows(merged)  # our run may cover fewer windows than were exported
+    runs = {k: v for k, v in merged.items() if k[2] in windows}
+    kv_runs = theirs["runs"]
     ratios = sorted({r for _, r, _ in runs})
     headline = headline_rows(runs, kv_runs, windows, ratios)
+    causes = cause_rows(runs, kv_runs, windows, ratios)
     rows, layer_rows = variant_rows(runs, kv_runs, windows, ratios)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.csv", to_csv(headline))
+    atomic_write_text(out / "causes.csv", to_csv(causes))
     atomic_write_text(out / "variants.csv", to_csv(rows))
     atomic_write_text(out / "per_layer.csv", to_csv(layer_rows))
-    if headline:
-        plot(headline, out / "kl.png")
+    plot(headline, out / "kl.png")
     nll_gap = max(
         float((runs[(n, r, w)]["nll_full"] - kv_runs[(VARIANTS[n].policy, r, w)]["nll_full"]).abs().max())
         for n, r, w in runs
@@ -340,20 +379,31 @@ def report(work: Path, out: Path, method: str) -> None:
     header = (
         "# kvtrain vs NVIDIA kvpress: Expected Attention, TOVA, StreamingLLM on SmolLM2-135M-Instruct\n\n"
         + provenance_lines(ours["provenance"])
+        + "".join(f"- also measured at commit {part['provenance']['commit']} (windows {part_windows(part)})\n"
+                  for part in parts[1:])
         + f"- ours: {ours['versions']}\n- kvpress side: {theirs['versions']}\n"
-        f"- data: {len(windows)} disjoint held-out windows of the embedded text; a {CONTEXT_LEN}-token context "
-        f"compressed once at prefill, its {CONTINUATION_LEN}-token real continuation teacher-forced one token at a "
-        "time; fp32, batch 1\n"
+        f"- data: {len(windows)} disjoint held-out windows of the embedded text (windows {windows}); a "
+        f"{CONTEXT_LEN}-token context compressed once at prefill, its {CONTINUATION_LEN}-token real continuation "
+        "teacher-forced one token at a time; fp32, batch 1\n"
         "- kl = mean over windows of the mean KL(full || compressed) per continuation token (nats), each side "
         f"against its own full-cache logits (the two environments' full-cache NLLs differ by at most {nll_gap:.1e})\n"
-        "- std = standard deviation of the per-window KL over the windows\n\n"
-        "Produced by `scripts/compare_kvpress.py` (see its docstring for the commands).\n\n"
+        "- std = standard deviation of the per-window KL over the windows; 'per window' = min-max over windows of "
+        "the per-window ratio (a difference is real only if that range stays on one side of 1)\n"
+        "- protocols: `bench` = our loyalty benchmark's (kept = ceil(n (1 - ratio)); 4 sinks and 16 recent tokens "
+        "always kept); `kvpress` = kvpress's (kept = int(n (1 - ratio)); only what the press forces is kept: 4 "
+        "sinks for Expected Attention and StreamingLLM, the last token for TOVA)\n\n"
+        "Produced by `scripts/compare_kvpress.py` and `scripts/kvpress_side.py` (commands below).\n\n"
     )
     body = (
-        "## Before, after, kvpress\n\n"
-        + "".join(f"- {policy}: before = `{b}`, after = `{a}`\n" for policy, (b, a) in HEADLINE.items())
+        "## Ours against kvpress\n\n"
+        + "".join(f"- {policy}: " + ", ".join(f"{side} = `{n}`" for side, n in zip(HEADLINE_SIDES, names)) + "\n"
+                  for policy, names in HEADLINE.items())
         + "\n"
         + markdown_table(headline)
+        + "\n## One setting at a time\n\n"
+        "Each row changes one setting between two of our variants (from -> to); `to / from per window` is the "
+        "range over windows of the KL ratio.\n\n"
+        + markdown_table(causes)
         + "\n## Every variant against kvpress\n\n"
         "jaccard = keep-set overlap with kvpress's, mean over layers, KV heads and windows (min_layer_jaccard: the "
         "worst layer); spearman = rank correlation of the scores with kvpress's over the tokens neither side forces; "
@@ -363,6 +413,14 @@ def report(work: Path, out: Path, method: str) -> None:
     why = out / "why.md"
     atomic_write_text(out / "results.md", header + body + ("\n" + why.read_text() if why.exists() else ""))
     print(header + body)
+
+
+PLOT_LINES = (
+    ("kvpress", "kvpress"),
+    ("bench", "ours, bench protocol"),
+    ("kvpress protocol", "ours, kvpress protocol"),
+    ("kvpress settings", "ours, kvpress settings"),
+)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -377,15 +435,15 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, policy in zip(axes, policies):
         mine = [r for r in rows if r["policy"] == policy]
         ratios = [r["ratio"] for r in mine]
-        for side in ("before", "after", "kvpress"):
+        for side, label in PLOT_LINES:
             ax.errorbar(ratios, [r[f"kl_{side}"] for r in mine], yerr=[r[f"std_{side}"] for r in mine],
-                        marker="o", capsize=3, label="kvpress" if side == "kvpress" else f"ours, {side}")
+                        marker="o", capsize=3, label=label, alpha=0.8)
         ax.set_title(policy)
         ax.set_xlabel("fraction of the context evicted")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("KL(full || compressed), nats/token")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -406,6 +464,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvpress_compare"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/kvpress"))
     parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--first-window", type=int, default=0, help="ours: start at this window (a second process)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--method", choices=["cache", "replay"], default="replay")
@@ -415,7 +474,7 @@ def main() -> None:
     if args.stage == "export":
         export(args.work, args.windows)
     elif args.stage == "ours":
-        run_ours(args.work, args.variants, args.ratios, args.windows, args.method)
+        run_ours(args.work, args.variants, args.ratios, args.windows, args.method, args.first_window)
     else:
         report(args.work, args.out, args.method)
 
