@@ -422,6 +422,7 @@ def report(work: Path, out: Path, method: str) -> None:
     print(header + body)
 
 
+KVPRESS_STYLE = {"linestyle": "--", "marker": "s", "markersize": 10, "fillstyle": "none"}
 PLOT_LINES = (
     ("kvpress", "kvpress"),
     ("bench", "ours, bench protocol"),
@@ -443,10 +444,11 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["policy"] == policy]
         ratios = [r["ratio"] for r in mine]
         for side, label in PLOT_LINES:
-            ax.plot(ratios, [r[f"kl_{side}"] for r in mine], marker="o", label=label, alpha=0.8)
+            style = KVPRESS_STYLE if side == "kvpress" else {"marker": "o"}
+            ax.plot(ratios, [r[f"kl_{side}"] for r in mine], label=label, alpha=0.8, **style)
         ax.set_title(policy)
         ax.set_xlabel("fraction of the context evicted")
-        ax.set_yscale("log")
+        ax.set_yscale("log")  # kvpress (hollow squares) lies under "kvpress settings" where they agree
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("KL(full || compressed), nats/token")
     axes[0].legend(fontsize=7)
