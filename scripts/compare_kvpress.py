@@ -21,6 +21,11 @@ setting run under one of two protocols:
 
 Per layer we record each side's scores ``[h_kv, n]`` and kept positions ``[h_kv, k]``; the report gives the
 keep-set Jaccard overlap and the Spearman correlation of the scores with kvpress's, per layer and KV head.
+`CAUSES` pairs variants that differ in one setting, so each candidate cause of a gap has its own row.
+
+The ``ours`` stage saves after every window and resumes; a second process can take later windows
+(``--first-window``) and the report merges both files, using the windows complete in all of them.
+The hand-written explanation, ``<out>/why.md``, is appended to ``results.md``.
 """
 
 from __future__ import annotations
