@@ -37,11 +37,12 @@ def gaussian_log_mgf(mu: Tensor, sigma: Tensor | None, keys: Tensor, scaling: fl
     return z
 
 
-def online_query_stats(inputs: ScoreInputs) -> tuple[Tensor, Tensor]:
-    """Mean ``[b, h_q, d]`` and (biased) covariance ``[b, h_q, d, d]`` of the row's real pre-RoPE window queries."""
+def online_query_stats(inputs: ScoreInputs, n_sink: int = 0) -> tuple[Tensor, Tensor]:
+    """Mean ``[b, h_q, d]`` and (biased) covariance ``[b, h_q, d, d]`` of the row's real pre-RoPE window queries,
+    leaving out the queries of the row's first ``n_sink`` tokens."""
     rope_pos = inputs.query_positions[None, :] - inputs.rope_offset[:, None]  # [b, w]
     pre = unrotate(inputs.queries.float(), *inputs.rope_tables(rope_pos))
-    real = inputs.real_queries().float()[:, None, :, None]  # [b, 1, w, 1]
+    real = (rope_pos >= n_sink).float()[:, None, :, None]  # [b, 1, w, 1]: also False for left padding
     count = real.sum(dim=2, keepdim=True).clamp(min=1.0)
     mu = (pre * real).sum(dim=2, keepdim=True) / count
     centred = (pre - mu) * real
@@ -67,17 +68,20 @@ class ExpectedAttentionScorer(Scorer):
     # KL was 0.515 with 0.02 and 0.256 with 0 (benchmarks/loyalty/ablation.md).
     epsilon: float = 0.0
     stats: str = ONLINE
+    n_sink: int = 0
 
     def __post_init__(self) -> None:
         if self.n_future_positions < 1:
             raise ValueError(f"n_future_positions={self.n_future_positions} must be >= 1")
         if self.epsilon < 0:
             raise ValueError(f"epsilon={self.epsilon} must be >= 0")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink={self.n_sink} must be >= 0")
         self._file_stats: QueryStats | None = None if self.stats == ONLINE else load_query_stats(self.stats)
 
     def _statistics(self, inputs: ScoreInputs) -> tuple[Tensor, Tensor]:
         if self._file_stats is None:
-            return online_query_stats(inputs)
+            return online_query_stats(inputs, self.n_sink)
         b, hq, _, d = inputs.queries.shape
         mu, sigma = self._file_stats.mu, self._file_stats.sigma
         if not 0 <= inputs.layer_idx < mu.shape[0]:
@@ -103,8 +107,10 @@ class ExpectedAttentionScorer(Scorer):
         mu_f = (rbar @ mu[..., None]).squeeze(-1).view(b, h_kv, g, d)
         sigma_f = (rbar @ sigma @ rbar.transpose(-1, -2)).view(b, h_kv, g, d, d) if self.use_covariance else None
         z = gaussian_log_mgf(mu_f, sigma_f, inputs.keys.float(), inputs.scaling)  # [b, h_kv, g, n]
-        z = z.masked_fill(~inputs.valid[:, :, None, :], float("-inf"))
+        sink = inputs.valid & (inputs.positions - inputs.rope_offset[:, None, None] < self.n_sink)
+        scored = inputs.valid & ~sink
+        z = z.masked_fill(~scored[:, :, None, :], float("-inf"))
         scores = torch.nan_to_num(torch.softmax(z, dim=-1), nan=0.0).mean(dim=2)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * inputs.values.float().norm(dim=-1)
-        return scores.masked_fill(~inputs.valid, 0.0), {}
+        return scores.masked_fill(~inputs.valid, 0.0).masked_fill(sink, float("inf")), {}
