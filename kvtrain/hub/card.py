@@ -140,7 +140,7 @@ def _compression(checked: CheckedCheckpoint) -> str:
               "| artifact | sha256 | model fingerprint |", "|---|---|---|"]
     for name, digest in sorted(checked.files.items()):
         checked_fp = "checked" if name in checked.fingerprinted else "n/a"
-        lines.append(f"| `kv_compression/{name}` | `{digest[:16]}` | {checked_fp} |")
+        lines.append(f"| `kv_compression/{name}` | `{digest}` | {checked_fp} |")
     fp = checked.fingerprint
     lines += ["", f"Model fingerprint: {fp.get('model_type')}, {fp.get('num_hidden_layers')} layers, "
               f"{fp.get('num_key_value_heads')} KV heads of dimension {fp.get('head_dim')} "
@@ -232,6 +232,6 @@ def _training(checked: CheckedCheckpoint) -> str:
 
 def _files(files: dict[str, tuple[int, str]]) -> str:
     lines = ["| file | bytes | sha256 |", "|---|---|---|"]
-    lines += [f"| `{path}` | {size:,} | `{digest[:16]}` |" for path, (size, digest) in files.items()]
+    lines += [f"| `{path}` | {size:,} | `{digest}` |" for path, (size, digest) in files.items()]
     return "\n".join(lines)
 

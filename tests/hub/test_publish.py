@@ -70,7 +70,7 @@ def test_dry_run_prints_the_files_and_the_card_and_sends_nothing(hub, lora_check
     assert "| `kv_compression/query_stats.safetensors` |" in card and "| checked |" in card
     for name in ("adapter_model.safetensors", "tokenizer.json"):  # the card lists each file's sha256
         digest = sha256((lora_checkpoint / name).read_bytes())
-        assert f"| `{name}` | {(lora_checkpoint / name).stat().st_size:,} | `{digest[:16]}` |" in card
+        assert f"| `{name}` | {(lora_checkpoint / name).stat().st_size:,} | `{digest}` |" in card
     assert "| after training (this checkpoint) |" in card  # the loyalty training measured
 
 

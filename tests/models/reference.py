@@ -122,7 +122,9 @@ def snapkv_scores(c: Captured, layer: int, h: int, group: int, cand: list[int], 
 
 
 def tova_scores(c: Captured, layer: int, h: int, group: int, cand: list[int], t: int, policy: Policy) -> list[float]:
-    return [sum(float(c.probs[layer][q, t - 1, j]) for q in range(h * group, (h + 1) * group)) / group for j in cand]
+    """The newest query's attention, averaged over all the layer's query heads (default) or over KV head h's group."""
+    heads = range(h * group, (h + 1) * group) if policy.params.get("heads", "all") == "group" else range(c.probs[layer].shape[0])
+    return [sum(float(c.probs[layer][q, t - 1, j]) for q in heads) / len(heads) for j in cand]
 
 
 def expected_attention_scores(model, c: Captured, layer: int, h: int, group: int, cand: list[int], t: int,

@@ -24,6 +24,7 @@ POLICIES = {
     "snapkv": Policy("snapkv", budget=12, sinks=2, recent=2, query_window=4, interval=4),
     "h2o": Policy("h2o", budget=12, sinks=2, recent=2, query_window=4, interval=4),
     "tova": Policy("tova", budget=12, sinks=2, recent=2, query_window=4, interval=4),
+    "tova-group": Policy("tova", budget=12, sinks=2, recent=2, query_window=4, interval=4, params={"heads": "group"}),
     "gkv": Policy("gkv", budget=12, sinks=2, recent=2, query_window=4, interval=4),
     "expected_attention": Policy("expected_attention", budget=12, sinks=2, recent=2, query_window=4, interval=4),
 }

@@ -152,9 +152,13 @@ def test_tova_all_heads_keeps_one_set_per_layer():
     scores, _ = build_scorer("tova", {"heads": "all"})(inputs, {})
     keep_idx, _ = select(scores, inputs.valid, inputs.positions, 6)
     assert (keep_idx == keep_idx[:, :1]).all()
-    grouped, _ = build_scorer("tova")(inputs, {})
+    grouped, _ = build_scorer("tova", {"heads": "group"})(inputs, {})
     keep_grouped, _ = select(grouped, inputs.valid, inputs.positions, 6)
-    assert not (keep_grouped == keep_grouped[:, :1]).all()  # the per-group default lets heads differ
+    assert not (keep_grouped == keep_grouped[:, :1]).all()  # the per-group variant lets heads differ
+
+
+def test_tova_defaults_to_one_set_per_layer():
+    assert build_scorer("tova", {}).heads == "all"
 
 
 def test_tova_all_heads_is_padding_invariant():
