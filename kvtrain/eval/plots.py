@@ -20,6 +20,15 @@ def _pyplot():
     return plt
 
 
+def _save_with_side_legend(plt, fig, ax, path: Path) -> None:
+    """Grid, the legend to the right of the axes (many series would hide the points), saved and closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def pareto(points: Sequence[dict[str, Any]], path: Path, *, title: str, quality: str, lower_is_better: bool,
            full_quality: float | None) -> None:
     """`points`: dicts with method, budget, fraction (cache bytes / 16-bit full cache) and quality."""
@@ -45,11 +54,7 @@ def pareto(points: Sequence[dict[str, Any]], path: Path, *, title: str, quality:
     ax.set_xlabel("cache bytes per token / 16-bit full cache (log)")
     ax.set_ylabel(quality + (" (lower is better)" if lower_is_better else ""))
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_with_side_legend(plt, fig, ax, path)
 
 
 def per_layer(series: dict[str, Sequence[float]], path: Path, *, title: str, ylabel: str) -> None:
@@ -60,11 +65,7 @@ def per_layer(series: dict[str, Sequence[float]], path: Path, *, title: str, yla
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_with_side_legend(plt, fig, ax, path)
 
 
 def heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], columns: Sequence[str], path: Path, *,
