@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,18 +17,23 @@ import torch
 import transformers
 from peft import get_peft_model
 from transformers import TrainerCallback, TrainingArguments
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.models import load_model, model_fingerprint
 from kvtrain.runtime.routing import use_kvtrain_attention
-from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.launch import (
+    check_output_dir,
+    init_cpu_distributed,
+    parse_recipe_args,
+    torch_dtype,
+)
+from kvtrain.training.launch import resolve_resume as resolve_checkpoint
 from kvtrain.training.output import write_artifacts
 from kvtrain.training.projections import TrainableProjections
-from kvtrain.training.recipe import load_recipe
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
 from kvtrain.training.trainer import CompressionDistillationTrainer
 
@@ -73,77 +75,12 @@ class LoyaltyAtTrainBegin(TrainerCallback):
 def parse_args(argv: list[str] | None = None):
     """(DistillationArguments, KVCompressionArguments, TrainingArguments, ModelConfig) from
     `--config recipe.yaml` (checked by `load_recipe`) overridden by `--field value` flags."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser(ARGUMENT_TYPES)
-    defaults: dict = {}
-    for i, arg in enumerate(args):
-        if arg == "--config" or arg.startswith("--config="):
-            path = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
-            del args[i : i + (1 if "=" in arg else 2)]
-            defaults = load_recipe(path, ARGUMENT_TYPES)
-            break
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # init_cpu_distributed made the process group: TrainingArguments must reuse it, not rebuild it
-        # (it would for DeepSpeed without a backend, i.e. as one process).
-        accelerator_config = defaults.get("accelerator_config") or {}
-        if isinstance(accelerator_config, dict):
-            defaults["accelerator_config"] = {**accelerator_config, "use_configured_state": True}
-    parser.set_defaults_with_config(**defaults)
-    distill_args, kv_args, training_args, model_args = parser.parse_args_into_dataclasses(args=args)
-    if model_args.model_name_or_path is None:
-        raise ValueError("model_name_or_path is required (in the recipe or as --model_name_or_path)")
-    return distill_args, kv_args, training_args, model_args
-
-
-def check_output_dir(path: str | Path) -> None:
-    """Fail before any model is loaded when `output_dir` cannot be created or written."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"output_dir {str(path)!r} is not writable: {err.strerror or err}") from None
+    return parse_recipe_args(ARGUMENT_TYPES, argv)
 
 
 def resolve_resume(distill_args: DistillationArguments, training_args: TrainingArguments) -> str | None:
     """The checkpoint to resume from: `resume` ('latest' or a path), else TrainingArguments.resume_from_checkpoint."""
-    value = distill_args.resume or training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() in ("latest", "true"):
-        found = checkpoints.latest_checkpoint(training_args.output_dir)
-        if found is None:
-            logger.warning("resume=latest: no complete checkpoint in %s, starting from scratch", training_args.output_dir)
-            return None
-        logger.info("resuming from %s", found)
-        return str(found)
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"resume={value!r}: not a complete checkpoint folder (no trainer_state.json)")
-    return str(path)
-
-
-def init_cpu_distributed() -> None:
-    """On GPU-less machines launched with several processes, create the process group with gloo ourselves.
-
-    Without it, `accelerate launch --multi_gpu` starts unsynchronised single-process runs, and DeepSpeed
-    fails a batch-size assertion (TrainingArguments never passes a backend to accelerate); the Trainer
-    then reuses this state (`accelerator_config.use_configured_state`).
-    """
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # Without an accelerator, accelerate would silently train as plain multi-process DDP.
-        raise ValueError(
-            "FSDP needs GPUs (accelerate shards only on an accelerator device); on CPU launch with "
-            "configs/accelerate/cpu.yaml (DDP over gloo), zero2.yaml or zero3.yaml (DeepSpeed over gloo)"
-        )
-    from accelerate import PartialState
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    PartialState(cpu=not deepspeed, backend="gloo")
+    return resolve_checkpoint(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
 
 
 def is_zero3(trainer: CompressionDistillationTrainer) -> bool:
@@ -175,15 +112,6 @@ def check_sharding(trainer: CompressionDistillationTrainer, distill_args: Distil
             )
 
 
-def _dtype(name: str | None) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.float32
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype (e.g. float32, bfloat16)")
-    return value
-
-
 @dataclass
 class Run:
     """One distillation, built and ready to train: its arguments, the trainer and what the output records."""
@@ -212,7 +140,7 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     transformers.set_seed(training_args.seed)
     resume = resolve_resume(distill_args, training_args)
 
-    model, tokenizer = load_model(model_args.model_name_or_path, dtype=_dtype(model_args.dtype))
+    model, tokenizer = load_model(model_args.model_name_or_path, dtype=torch_dtype(model_args.dtype))
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
     if model_args.use_peft:
