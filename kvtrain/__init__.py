@@ -2,7 +2,7 @@
 
 The names most programs need are importable from here, as kvpress users are used to::
 
-    from kvtrain import CompressedCache, KVCompressionConfig, load_model, replay_compression
+    from kvtrain import CompressedCache, KVCompressionConfig, from_pretrained, load_model, replay_compression
 
 They are resolved on first use (PEP 562), so `import kvtrain.config` stays light and importing the package
 never imports the training or evaluation stacks.
@@ -24,6 +24,8 @@ _PUBLIC = {
     "observe_attention": "kvtrain.runtime.routing",
     "use_kvtrain_attention": "kvtrain.runtime.routing",
     "load_compressed": "kvtrain.runtime.pretrained",
+    "from_pretrained": "kvtrain.runtime.pretrained",
+    "CompressedModel": "kvtrain.runtime.pretrained",
     "KVCompressionConfig": "kvtrain.config",
     "ConfigError": "kvtrain.config",
     "KVCompressionArguments": "kvtrain.arguments",

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -68,15 +69,18 @@ class KVCompressionArguments:
     def add_to_parser(cls, parser: argparse.ArgumentParser) -> None:
         """Add every field as a `--kv-...` flag (for argparse-based commands)."""
         group = parser.add_argument_group("compression (a --kv-config file, with any flag overriding it)")
+        # Resolved hints, not `Field.type`: HfArgumentParser rewrites the latter in place when it parses the class.
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help")
-            if f.type == "bool":
+            hint = hints[f.name]
+            if hint is bool:
                 group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            elif f.type == "list[str]":
+            elif typing.get_origin(hint) is list:
                 group.add_argument(flag, dest=f.name, action="append", default=[], help=help_text)
             else:
-                kind = {"Optional[int]": int, "Optional[float]": float}.get(f.type, str)
+                kind = next((t for t in typing.get_args(hint) if t in (int, float)), str)
                 group.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
 
     @classmethod

@@ -1,4 +1,9 @@
-"""`kvtrain` command line: prepare-model, generate, quickstart, calibrate, eval (loyalty, fidelity)."""
+"""`kvtrain` command line: prepare-model, generate, quickstart, calibrate, eval (loyalty, fidelity), publish.
+
+Every command runs under the error boundary (`kvtrain.errors`): a user error is one line naming the file, field
+or value, with no stack trace unless ``--debug`` (anywhere on the line) or ``KVTRAIN_DEBUG=1``. Commands import
+their machinery when they run, so that ``kvtrain --help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import sys
 from pathlib import Path
 
 from kvtrain.arguments import KVCompressionArguments
-from kvtrain.config import ConfigError, KVCompressionConfig
+from kvtrain.config import KVCompressionConfig
+from kvtrain.errors import UserError, debug_requested, run_entry_point
+from kvtrain.io import check_writable
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -27,9 +34,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from kvtrain.eval.loyalty import full_cache_bytes_per_token
-    from kvtrain.models import load_model
+    from kvtrain.models import check_positions, load_model
     from kvtrain.runtime.cache import CompressedCache
 
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty: give the text to continue")
     config = compression_config(args)
     model, tokenizer = load_model(args.model)
     if args.chat and tokenizer.chat_template:
@@ -37,6 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt")
+    check_positions(model.config, inputs["input_ids"].shape[1] + args.max_new_tokens, "prompt + --max-new-tokens")
     cache = CompressedCache.for_model(model, config)
     with torch.no_grad():
         out = model.generate(
@@ -60,10 +70,13 @@ def cmd_eval_loyalty(args: argparse.Namespace) -> None:
     from kvtrain.eval.loyalty import evaluate_loyalty
     from kvtrain.eval.report import print_table
     from kvtrain.io import atomic_write_text
-    from kvtrain.models import load_model
+    from kvtrain.models import check_positions, load_model
 
+    if args.out:
+        check_writable(args.out, "--out", folder=False)
     config = compression_config(args)
     model, tokenizer = load_model(args.model)
+    check_positions(model.config, args.context_len + args.continuation_len, "--context-len + --continuation-len")
     texts = load_texts(args.data, split=args.split)
     blocks = token_blocks(tokenizer, texts, args.context_len + args.continuation_len, n_blocks=args.samples)
     (result,) = evaluate_loyalty(model, [config], blocks, context_len=args.context_len)
@@ -77,15 +90,30 @@ def cmd_eval_loyalty(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from kvtrain.quickstart import QuickstartSettings, run_quickstart
 
+    check_writable(args.out, "--out", folder=True)
     run_quickstart(QuickstartSettings(out=args.out, steps=args.steps, eval_blocks=args.eval_blocks))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     from kvtrain.calibrate.cli import add_calibrate_parser
     from kvtrain.eval.fidelity import add_fidelity_parser
+    from kvtrain.hub.cli import add_publish_parser
     from kvtrain.quickstart import QuickstartSettings
 
-    parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the stack trace of an error (or KVTRAIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare-model", help="convert an embedded model (SmolLM2) to a local checkpoint once")
@@ -96,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate under a compressed cache; prints kept tokens and cache bytes")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, Hub id or local path")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
     KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_generate)
@@ -104,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="prepare-model -> calibrate -> distill -> loyalty before/after, on SmolLM2")
     defaults = QuickstartSettings()
     p.add_argument("--out", type=Path, default=defaults.out)
-    p.add_argument("--steps", type=int, default=defaults.steps, help="distillation steps")
-    p.add_argument("--eval-blocks", type=int, default=defaults.eval_blocks, help="held-out blocks for loyalty")
+    p.add_argument("--steps", type=positive_int, default=defaults.steps, help="distillation steps")
+    p.add_argument("--eval-blocks", type=positive_int, default=defaults.eval_blocks, help="held-out blocks for loyalty")
     p.set_defaults(func=cmd_quickstart)
 
     add_calibrate_parser(sub)
@@ -113,27 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluation suites")
     suites = p.add_subparsers(dest="suite", required=True)
     add_fidelity_parser(suites)
+    from kvtrain.eval.cli import add_eval_parsers
+
+    add_eval_parsers(suites)
     p = suites.add_parser("loyalty", help="KL, top-1 agreement and NLL against the full cache")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", default=None, help="'embedded' (default), a .txt/.jsonl file or a datasets name")
     p.add_argument("--split", default="heldout")
-    p.add_argument("--context-len", type=int, default=512)
-    p.add_argument("--continuation-len", type=int, default=64)
-    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--context-len", type=positive_int, default=512)
+    p.add_argument("--continuation-len", type=positive_int, default=64)
+    p.add_argument("--samples", type=positive_int, default=2)
     p.add_argument("--out", type=Path, help="write the result as JSON")
     KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_eval_loyalty)
+
+    add_publish_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except ConfigError as err:
-        print(f"kvtrain: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    return run_entry_point(lambda: args.func(args), prog="kvtrain", debug=debug)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
+from kvtrain.errors import UserError
 from kvtrain.io import atomic_write_text
 from kvtrain.policies import SCORERS
 from kvtrain.policies.budgets import layer_budgets
@@ -24,7 +26,7 @@ from kvtrain.policies.select import SELECTION_MODES
 SCHEMA_VERSION = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is invalid; the message names the source, field and value."""
 
 
@@ -178,6 +180,9 @@ class KVCompressionConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, source: str = "config") -> None:
+        """Check every field on its own and against the others (the model is checked when the config is bound to
+        one, `kvtrain.runtime.binding.check_config_for_model`)."""
+
         def fail(name: str, value: Any, why: str) -> None:
             raise ConfigError(f"{source}: field {name!r} = {value!r}: {why}")
 
@@ -185,31 +190,21 @@ class KVCompressionConfig:
             fail("schema_version", self.schema_version, f"this kvtrain reads schema version {SCHEMA_VERSION}")
         if (self.budget is None) == (self.compression_ratio is None):
             fail("budget", self.budget, "set exactly one of 'budget' and 'compression_ratio'")
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
-            fail("budget", self.budget, "must be a positive integer number of tokens")
-        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
-            fail("compression_ratio", self.compression_ratio, "must be in [0, 1): the fraction evicted")
-        for name in ("sinks", "recent"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                fail(name, getattr(self, name), "must be a non-negative integer")
+        self._validate_layer_fields(fail, "", {name: getattr(self, name) for name in _OVERRIDABLE})
         if self.budget is not None and self.sinks + self.recent > self.budget:
             fail("budget", self.budget, f"smaller than sinks + recent = {self.sinks + self.recent}")
-        if self.selection not in SELECTION_MODES:
-            fail("selection", self.selection, f"must be one of {SELECTION_MODES}")
-        if not 0.0 <= self.safeguard <= 1.0:
-            fail("safeguard", self.safeguard, "must be in [0, 1]")
-        if not isinstance(self.query_window, int) or self.query_window < 1:
-            fail("query_window", self.query_window, "must be a positive integer")
-        if not isinstance(self.schedule.interval, int) or self.schedule.interval < 1:
+        if not _is_int(self.schedule.interval, minimum=1):
             fail("schedule.interval", self.schedule.interval, "must be a positive integer")
         chunk = self.schedule.prefill_chunk
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        if chunk is not None and not _is_int(chunk, minimum=1):
             fail("schedule.prefill_chunk", chunk, "must be a positive integer or null")
+        if not isinstance(self.schedule.compress_prefill, bool):
+            fail("schedule.compress_prefill", self.schedule.compress_prefill, "must be true or false")
         for name in ("whitelist", "fair_spans"):
             for span in getattr(self, name):
-                if len(span) != 2 or not 0 <= span[0] < span[1]:
+                if len(span) != 2 or not all(_is_int(x, minimum=0) for x in span) or not span[0] < span[1]:
                     fail(name, span, "each span must be [start, end) with 0 <= start < end")
-        if self.merge is not None and not 0.0 < self.merge.ema_alpha < 1.0:
+        if self.merge is not None and not (_is_number(self.merge.ema_alpha) and 0.0 < self.merge.ema_alpha < 1.0):
             fail("merge.ema_alpha", self.merge.ema_alpha, "must be in (0, 1)")
         if self.merge is not None and self.merge.name != "keepkv":
             fail("merge.name", self.merge.name, "the only merging method is 'keepkv'")
@@ -218,8 +213,10 @@ class KVCompressionConfig:
         if self.quant is not None:
             for name in ("key_bits", "value_bits"):
                 bits = getattr(self.quant, name)
-                if bits not in (None, 2, 4, 8):
+                if isinstance(bits, bool) or bits not in (None, 2, 4, 8):
                     fail(f"quant.{name}", bits, "must be 2, 4, 8 or null")
+            if not _is_int(self.quant.group_size, minimum=1):
+                fail("quant.group_size", self.quant.group_size, "must be a positive integer")
             evicts = self.compression_ratio != 0.0
             if evicts and self.selection != "per_layer":
                 fail(
@@ -227,26 +224,84 @@ class KVCompressionConfig:
                     "TaDA stores one mean per token for all KV heads, so quantisation with eviction needs "
                     "'per_layer' selection (or compression_ratio 0 to quantise without evicting)",
                 )
-        if self.lowrank is not None and not self.lowrank.projections:
-            fail("lowrank.projections", self.lowrank.projections, "must name a projections file")
+        if self.lowrank is not None:
+            if not self.lowrank.projections:
+                fail("lowrank.projections", self.lowrank.projections, "must name a projections file")
+            for name in ("key_rank", "value_rank"):
+                rank = getattr(self.lowrank, name)
+                if rank is not None and not _is_int(rank, minimum=1):
+                    fail(f"lowrank.{name}", rank, "must be a positive integer or null")
         if self.merge is not None and (self.quant is not None or self.lowrank is not None):
             fail("merge", self.merge.name, "merging cannot be combined with quantisation or low rank yet")
-        if isinstance(self.layer_budgets, list) and not all(isinstance(b, int) and b > 0 for b in self.layer_budgets):
+        if isinstance(self.layer_budgets, list) and not all(_is_int(b, minimum=1) for b in self.layer_budgets):
             fail("layer_budgets", self.layer_budgets, "must be positive integers")
+        if not isinstance(self.layer_budgets, (str, list)):
+            fail("layer_budgets", self.layer_budgets, "must be 'uniform', 'pyramid', a list or a head-budgets file")
+        if not all(_is_int(i, minimum=0) for i in self.dense_layers):
+            fail("dense_layers", self.dense_layers, "must be layer indices (non-negative integers)")
         for idx, override in self.layers.items():
             unknown = set(override) - set(_OVERRIDABLE)
             if unknown:
                 fail(f"layers.{idx}", sorted(unknown), f"per-layer overrides may only set {_OVERRIDABLE}")
-        for where, scorer in [("scorer", self.scorer)] + [
-            (f"layers.{i}.scorer", o["scorer"]) for i, o in self.layers.items() if "scorer" in o
-        ]:
-            scorer = scorer if isinstance(scorer, ScorerConfig) else ScorerConfig(**scorer)
+            self._validate_layer_fields(fail, f"layers.{idx}.", override)
+        self._warn_short_windows(source)
+
+    @staticmethod
+    def _validate_layer_fields(fail, prefix: str, values: dict[str, Any]) -> None:
+        """The fields a per-layer override may set, for the top level or one override (`prefix`)."""
+        if values.get("budget") is not None and not _is_int(values["budget"], minimum=1):
+            fail(prefix + "budget", values["budget"], "must be a positive integer number of tokens")
+        ratio = values.get("compression_ratio")
+        if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
+            fail(prefix + "compression_ratio", ratio, "must be in [0, 1): the fraction evicted")
+        for name in ("sinks", "recent"):
+            if name in values and not _is_int(values[name], minimum=0):
+                fail(prefix + name, values[name], "must be a non-negative integer")
+        if "selection" in values and values["selection"] not in SELECTION_MODES:
+            fail(prefix + "selection", values["selection"], f"must be one of {SELECTION_MODES}")
+        if "safeguard" in values and not (_is_number(values["safeguard"]) and 0.0 <= values["safeguard"] <= 1.0):
+            fail(prefix + "safeguard", values["safeguard"], "must be in [0, 1]")
+        if "query_window" in values and not _is_int(values["query_window"], minimum=1):
+            fail(prefix + "query_window", values["query_window"], "must be a positive integer")
+        if "scorer" in values:
+            scorer = values["scorer"]
+            if isinstance(scorer, dict):
+                unknown = set(scorer) - {"name", "params"}
+                if unknown:
+                    fail(prefix + "scorer", sorted(unknown), "a scorer has only 'name' and 'params'")
+                scorer = ScorerConfig(**scorer)
+            if not isinstance(scorer, ScorerConfig):
+                fail(prefix + "scorer", scorer, "must be a mapping with 'name' and 'params'")
+            where = prefix + "scorer"
             if scorer.name not in SCORERS:
                 fail(f"{where}.name", scorer.name, f"unknown scorer; registered: {sorted(SCORERS)}")
             cls = SCORERS[scorer.name]
+            if not isinstance(scorer.params, dict):
+                fail(f"{where}.params", scorer.params, "must be a mapping of parameter names to values")
             unknown = set(scorer.params) - cls.field_names()
             if unknown:
                 fail(f"{where}.params", sorted(unknown), f"not parameters of {scorer.name!r}: {sorted(cls.field_names())}")
+            for name, value in scorer.params.items():
+                expected = cls.param_type_error(name, value)
+                if expected:
+                    fail(f"{where}.params.{name}", value, f"must be {expected}")
+
+    def _warn_short_windows(self, source: str) -> None:
+        """Warn where a scorer that accounts for every decoded query sees fewer than an interval of them."""
+        interval = self.schedule.interval
+        settings = [("query_window", self.scorer, self.query_window)] + [
+            (f"layers.{i}.query_window", o.get("scorer", self.scorer), o.get("query_window", self.query_window))
+            for i, o in self.layers.items()
+        ]
+        for where, scorer, window in settings:
+            name = scorer.name if isinstance(scorer, ScorerConfig) else scorer["name"]
+            if SCORERS[name].counts_every_query and window < interval:
+                warnings.warn(
+                    f"{source}: scorer {name!r} accumulates the attention of every decoded query, but "
+                    f"{where}={window} < schedule.interval={interval}: the {interval - window} oldest queries of "
+                    f"each interval are never counted; set {where} >= schedule.interval",
+                    stacklevel=3,
+                )
 
     def _validate_sals(self, fail) -> None:
         sals = self.sals
@@ -374,7 +429,12 @@ class KVCompressionConfig:
         if "compression_ratio" in data and data["compression_ratio"] is not None and "budget" not in data:
             data["budget"] = None
         try:
-            return cls(**data)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                config = cls(**data)
+            for warning in caught:  # said again, naming the file instead of "config"
+                warnings.warn(str(warning.message).replace("config:", f"{source}:", 1), warning.category, stacklevel=2)
+            return config
         except ConfigError as err:
             raise ConfigError(str(err).replace("config:", f"{source}:", 1)) from None
         except (TypeError, ValueError) as err:
@@ -399,3 +459,12 @@ class KVCompressionConfig:
         except (yaml.YAMLError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {err}") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _is_int(value: Any, *, minimum: int) -> bool:
+    """An integer (a bool is not one) of at least `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

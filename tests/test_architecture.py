@@ -21,7 +21,7 @@ PACKAGE = Path(kvtrain.__file__).parent
 
 # Bottom to top. A module may import its own layer and those below, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("kvtrain.io", "kvtrain.data", "kvtrain.models"),
+    ("kvtrain.errors", "kvtrain.io", "kvtrain.data", "kvtrain.models"),
     ("kvtrain.artifacts",),
     ("kvtrain.policies", "kvtrain.lowrank", "kvtrain.quant", "kvtrain.kernels"),
     ("kvtrain.config", "kvtrain.arguments"),
@@ -58,7 +58,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 base = f"{anchor}.{base}" if base else anchor
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
-                targets.add(sub if sub in known else base)
+                # `from kvtrain import Name` imports the module that defines the public name.
+                public = kvtrain._PUBLIC.get(alias.name) if base == "kvtrain" else None
+                targets.add(sub if sub in known else public or base)
     resolved = set()
     for target in targets:
         while target and target not in known:  # `import kvtrain.x.y as z` of a module that moved: report it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import pytest
 import torch
@@ -121,3 +122,25 @@ def test_budget_above_context_compresses_nothing_and_says_so_once(caplog):
             teacher_forced_decode(model, cache, ids, prefill_len=20)
             assert all(int(n.min()) == 30 for n in cache.stored_tokens())
     assert sum("budget 497 >= the 20 tokens seen" in r.message for r in caplog.records) == 1
+
+
+def test_h2o_with_a_window_shorter_than_the_interval_warns_naming_both_fields(tmp_path):
+    fields = dict(scorer=ScorerConfig("h2o"), query_window=16, schedule=ScheduleConfig(interval=128))
+    with pytest.warns(UserWarning, match=r"config: scorer 'h2o' .* query_window=16 < schedule.interval=128: the 112"):
+        KVCompressionConfig(**fields)
+    path = tmp_path / "h2o.json"
+    path.write_text(json.dumps({"scorer": {"name": "h2o"}, "query_window": 8, "schedule": {"interval": 8},
+                                "layers": {"1": {"query_window": 4}}}))
+    with pytest.warns(UserWarning, match=rf"{path}: scorer 'h2o' .* layers.1.query_window=4 < schedule.interval=8"):
+        KVCompressionConfig.load(path)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(scorer=ScorerConfig("h2o"), query_window=128, schedule=ScheduleConfig(interval=128)),
+    dict(scorer=ScorerConfig("snapkv"), query_window=16, schedule=ScheduleConfig(interval=128)),
+    dict(query_window=16, schedule=ScheduleConfig(interval=128), layers={0: {"scorer": {"name": "h2o"}, "query_window": 128}}),
+])
+def test_no_warning_when_every_decoded_query_is_counted_or_not_needed(fields):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KVCompressionConfig(**fields)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvtrain.artifacts.projections import Projections, write_projections
+from kvtrain.artifacts.quant_plan import Budget, QuantPlan, write_quant_plan
 from kvtrain.config import (
     ConfigError,
     KVCompressionConfig,
@@ -18,7 +19,7 @@ from kvtrain.config import (
 from kvtrain.lowrank.gram import GramAccumulator, ValueGramAccumulator
 from kvtrain.lowrank.kqsvd import fit_kqsvd, fit_value_projection
 from kvtrain.models import model_fingerprint, tiny_model
-from kvtrain.quant.tada import bytes_per_token
+from kvtrain.quant.tada import bytes_per_token, fake_quantize
 from kvtrain.runtime.cache import CompressedCache
 from kvtrain.runtime.compressor import projections_for
 from kvtrain.runtime.decode import teacher_forced_decode
@@ -108,6 +109,37 @@ def test_quantised_bytes_held_equal_the_formula(model, tokens):
     assert cache.nbytes() == model.config.num_hidden_layers * PREFILL * per_token
 
 
+def plan_file(tmp_path, bits, group_size=8, residual_length=8):
+    path = tmp_path / "quant_plan.json"
+    write_quant_plan(path, QuantPlan(bits, group_size, residual_length, Budget("average_bits", 8.0)))
+    return str(path)
+
+
+def test_a_calibrated_plan_sets_each_layers_bits(model, tokens, tmp_path):
+    cfg = config(budget=None, compression_ratio=0.0, quant=QuantConfig(group_size=8, plan=plan_file(tmp_path, [2, 8])))
+    cache = CompressedCache.for_model(model, cfg)
+    with torch.no_grad():
+        model(input_ids=tokens[:, :PREFILL], past_key_values=cache)
+    per_token = [bytes_per_token(KV_HEADS, HEAD_DIM, bits, bits, 8) for bits in (2, 8)]
+    assert cache.nbytes() == PREFILL * sum(per_token)
+
+
+@pytest.mark.parametrize(("plan", "quant", "match"), [
+    (dict(group_size=16), dict(group_size=8),
+     r"quant_plan.json: group_size=16 but quant.group_size=8: .* set quant.group_size: 16"),
+    (dict(residual_length=128), dict(group_size=8),
+     r"quant_plan.json: residual_length=128 but schedule.interval=8: .* --tada-residual-length 8"),
+    (dict(bits=[4, 4, 4]), dict(group_size=8), r"quant_plan.json: 3 layers in the plan, the model has 2"),
+])
+def test_a_plan_that_disagrees_with_the_config_is_refused(model, tmp_path, plan, quant, match):
+    path = plan_file(tmp_path, **{"bits": [4, 4], **plan})
+    cfg = config(budget=None, compression_ratio=0.0, quant=QuantConfig(plan=path, **quant))
+    with pytest.raises(ConfigError, match=match):
+        CompressedCache.for_model(model, cfg)
+    with pytest.raises(ConfigError, match=match), replay_compression(model, cfg, prefill_len=PREFILL):
+        pass
+
+
 def test_lowrank_bytes_are_the_coefficients(model, tokens, projections):
     cfg = config(budget=None, compression_ratio=0.0, lowrank=LowRankConfig(str(projections), key_rank=5, value_rank=3))
     cache = CompressedCache.for_model(model, cfg)
@@ -125,14 +157,49 @@ def test_full_rank_projections_are_exact(model, tokens, projections):
     assert (decoded - full).abs().max().item() <= 1e-3
 
 
+def straight_through_reference(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Dense attention in which query i sees the keys and values archived before its forward (columns below the
+    last event at or before i) as their TaDA round trip with the identity gradient, and every later one exact."""
+    archived_before = torch.zeros(SEQ, dtype=torch.long)
+    for event in range(PREFILL, SEQ, 8):  # the prefill event, then one every interval (8) decode steps
+        archived_before[event:] = event
+    archived = torch.arange(SEQ)[None, :] < archived_before[:, None]  # [query i, key j]
+
+    def sides(x):
+        rounded = fake_quantize(x.detach(), 2, 8)  # the values only; the gradient is written out below
+        return x + (rounded - x).detach(), x
+
+    group = query.shape[1] // key.shape[1]
+    (k_st, k), (v_st, v) = [tuple(t.repeat_interleave(group, dim=1) for t in sides(x)) for x in (key, value)]
+    logits = torch.where(archived, query @ k_st.transpose(-1, -2), query @ k.transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~torch.ones(SEQ, SEQ, dtype=torch.bool).tril(), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    out = (probs * archived) @ v_st + (probs * ~archived) @ v
+    return out.transpose(1, 2), None
+
+
 def test_replay_gradients_pass_quantisation_straight_through(model, tokens):
-    cfg = config(quant=QuantConfig(key_bits=2, value_bits=2, group_size=8))
+    """The gradient through the quantised archive equals that of the straight-through estimator written out
+    densely (no compression: every kept token is quantised once an event archives it)."""
+    from transformers import AttentionInterface
+
+    cfg = config(budget=None, compression_ratio=0.0, quant=QuantConfig(key_bits=2, value_bits=2, group_size=8))
+    weights = [p for layer in model.model.layers for p in (layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight)]
+
+    def loss():
+        return model(input_ids=tokens, use_cache=False).logits[:, PREFILL:].logsumexp(-1).mean()
+
     with replay_compression(model, cfg, prefill_len=PREFILL):
-        loss = model(input_ids=tokens, use_cache=False).logits[:, PREFILL:].logsumexp(-1).mean()
-    loss.backward()
-    grad = model.model.layers[0].self_attn.k_proj.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
-    model.zero_grad(set_to_none=True)
+        got = torch.autograd.grad(loss(), weights)
+    AttentionInterface.register("straight_through_reference", straight_through_reference)
+    model.set_attn_implementation("straight_through_reference")
+    try:
+        want = torch.autograd.grad(loss(), weights)
+    finally:
+        model.set_attn_implementation("kvtrain")
+    for g, w in zip(got, want):
+        assert w.abs().max() > 1e-4  # the reference gradient is not trivially zero
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_projections_from_another_model_are_refused(projections):

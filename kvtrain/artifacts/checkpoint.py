@@ -10,7 +10,8 @@ A checkpoint folder holds the weights (`save_pretrained`: full weights or a LoRA
   fingerprint and the sha256 of every other file in the bundle.
 
 Reading checks the schema version (a newer one is refused with what to do), that every listed file exists and
-has its recorded sha256, and hands back the config as a plain dict for the caller to validate.
+has its recorded sha256, and hands back the config as a plain dict for the caller to validate. Once the model is
+loaded, `check_artifact_fingerprints` checks the model fingerprint each safetensors artifact records.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from kvtrain.artifacts.format import sha256_file
 from kvtrain.io import atomic_write_bytes, atomic_write_text
+from kvtrain.models.shape import check_fingerprint, model_fingerprint
 
 ARTIFACT_DIR = "kv_compression"
 MANIFEST = "config.json"
@@ -103,6 +107,29 @@ def read_bundle(checkpoint: str | Path) -> Bundle:
         if sha256_file(path) != digest:
             raise ValueError(f"{path}: sha256 differs from {MANIFEST} (file corrupt or modified after it was written)")
     return Bundle(folder, _read_json(folder / COMPRESSION), manifest.get("model_fingerprint") or {}, files)
+
+
+def check_artifact_fingerprints(bundle: Bundle, model_config) -> list[str]:
+    """Raise unless every safetensors artifact of the bundle that records a model fingerprint records
+    `model_config`'s; returns the names of the files checked.
+
+    The manifest's fingerprint covers the bundle as a whole; this checks each calibrated file as well, so a
+    projections file of another model copied into a bundle (and its manifest rewritten) is still refused.
+    """
+    checked = []
+    for name in sorted(bundle.files):
+        if not name.endswith(".safetensors"):
+            continue  # JSON artifacts (budgets, bit plans) are checked against the layer count when read
+        path = bundle.folder / name
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        if "fingerprint" in metadata:
+            check_fingerprint(json.loads(metadata["fingerprint"]), model_fingerprint(model_config), path)
+            checked.append(name)
+    return checked
 
 
 def write_training_metadata(output_dir: str | Path, metadata: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvtrain.errors import UserError
 from kvtrain.io import atomic_write_text
 
 QUANT_PLAN = "quant_plan.json"
@@ -20,7 +21,7 @@ CANDIDATE_BITS = (2, 4, 8)
 BUDGET_KINDS = ("average_bits", "bytes_per_token")
 
 
-class QuantPlanError(ValueError):
+class QuantPlanError(UserError):
     """A quant plan value is invalid; the message names the file (or source) and the field."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvtrain.artifacts.projections import METHODS
 from kvtrain.calibrate.run import DEFAULT_FITS, FITS, CalibrationSettings, calibrate
+from kvtrain.io import check_writable
 from kvtrain.models import load_model
 
 
@@ -60,6 +61,7 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    check_writable(args.out, "--out", folder=True)
     settings = CalibrationSettings(**{f.name: getattr(args, f.name) for f in fields(CalibrationSettings)})
     model, tokenizer = load_model(args.model)
     folder = calibrate(model, tokenizer, out_dir=args.out, data=args.data, split=args.split, fit=args.fit,

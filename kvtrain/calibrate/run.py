@@ -40,8 +40,9 @@ from kvtrain.calibrate.head_budgets import head_budgets
 from kvtrain.calibrate.sensitivity import tada_sensitivity
 from kvtrain.calibrate.statistics import StatisticsCollector
 from kvtrain.data import load_texts, token_blocks
+from kvtrain.errors import UserError
 from kvtrain.io import atomic_write_bytes, atomic_write_text
-from kvtrain.models.rope import check_default_rope, model_rope
+from kvtrain.models.rope import model_rope
 from kvtrain.models.shape import ModelShape, model_fingerprint
 from kvtrain.quant import plan_bits
 from kvtrain.runtime.routing import observe_attention
@@ -125,12 +126,14 @@ class _State:
         try:
             progress = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); delete it or run with resume=False") from err
+            raise UserError(f"{path}: not valid JSON ({err}); delete it, or run with --no-resume (resume=False in "
+                            "Python) to start over") from None
         for field, value in self.key.items():
             if progress.get("key", {}).get(field) != value:
-                raise ValueError(
+                raise UserError(
                     f"{path}: the checkpoint was written for a different {field} "
-                    f"({progress.get('key', {}).get(field)!r}, now {value!r}); run with resume=False to start over"
+                    f"({progress.get('key', {}).get(field)!r}, now {value!r}); run with --no-resume (resume=False in "
+                    "Python) to start over"
                 )
         return progress
 
@@ -199,8 +202,6 @@ def calibrate(
     settings = CalibrationSettings(**{**asdict(settings or CalibrationSettings()), **overrides})
     fits = _check_fits(fit)
     shape = ModelShape.of(model)
-    if "query-stats" in fits:
-        check_default_rope(model.config, "calibrating query statistics (--fit query-stats)")
     folder = Path(out_dir) / art.ARTIFACT_DIR
     blocks = token_blocks(tokenizer, load_texts(data, split), settings.block_len, settings.num_blocks)
     num_tokens = blocks.numel()
@@ -222,7 +223,7 @@ def calibrate(
     progress_state = state.load()
 
     collector = StatisticsCollector(shape, tuple(_GROUPS[f] for f in fits if f in _GROUPS), settings.n_sink,
-                                    settings.head_entropy_stride, model_rope(model) if "sals" in fits else None)
+                                    settings.head_entropy_stride, model_rope(model, dtype=torch.float32))
     if collector.groups:
         progress_state = _statistics_pass(model, collector, blocks, state, progress_state,
                                           settings.checkpoint_every, progress)

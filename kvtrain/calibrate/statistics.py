@@ -4,7 +4,8 @@ Per layer (all float64 sums, so a checkpoint/resume reproduces an uninterrupted 
 * ``grams``: KQ-SVD key Gram and group query Gram of the **post-RoPE** keys/queries (group queries stacked);
 * ``values``: value Gram (for the value side of KQ-SVD);
 * ``query_sum`` ``[h_q, d]`` / ``query_outer`` ``[h_q, d, d]`` / ``query_count``: first and second moments of
-  the **pre-RoPE** queries per query head (RoPE undone exactly with each token's position), skipping the first
+  the **pre-RoPE** queries per query head (RoPE undone with the model's own rotary embedding, rope scaling
+  included, at each token's position), skipping the first
   ``n_sink`` positions of each block as Expected Attention does (docs/methods.md#expected-attention);
 * head behaviour (see `kvtrain.calibrate.head_budgets` for what the numbers mean): per query head the summed
   copy mass over copy events and the summed normalised attention entropy of every ``entropy_stride``-th query
@@ -23,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvtrain.lowrank import GramAccumulator, JointKeyGramAccumulator, ValueGramAccumulator
-from kvtrain.models.rope import RopeFn, model_rope, unrotate, unrotate_queries
+from kvtrain.models.rope import RopeFn, model_rope, unrotate
 from kvtrain.models.shape import ModelShape
 from kvtrain.runtime.routing import observe_attention
 
@@ -53,8 +54,10 @@ class StatisticsCollector:
         unknown = sorted(set(groups) - set(GROUPS))
         if unknown:
             raise ValueError(f"unknown statistics groups {unknown}; choose from {GROUPS}")
-        if "sals_grams" in groups and rope is None:
-            raise ValueError("the sals_grams group needs the model's rotary embedding (rope=model_rope(model))")
+        needs_rope = sorted({"sals_grams", "query_stats"} & set(groups))
+        if needs_rope and rope is None:
+            raise ValueError(f"the {needs_rope} statistics un-rotate with the model's rotary embedding: pass "
+                             "rope=model_rope(model, dtype=torch.float32)")
         self.rope = rope
         if n_sink < 0:
             raise ValueError(f"n_sink={n_sink} must be >= 0")
@@ -121,8 +124,8 @@ class StatisticsCollector:
 
     def _update_query_stats(self, layer: int, query: Tensor) -> None:
         s = query.shape[2]
-        positions = torch.arange(s, device=query.device)[None]
-        pre = unrotate_queries(query, positions, self.shape.rope_theta)[0, :, self.n_sink :].to(torch.float64)
+        cos, sin = self.rope(torch.arange(s, device=query.device)[None])
+        pre = unrotate(query.float(), cos.float(), sin.float())[0, :, self.n_sink :].to(torch.float64)
         self.query_sum[layer] += pre.sum(dim=1).cpu()
         self.query_outer[layer] += torch.einsum("hnd,hne->hde", pre, pre).cpu()
         self.query_count[layer] += pre.shape[1]
@@ -223,7 +226,7 @@ def collect_statistics(
     progress: bool = False,
 ) -> StatisticsCollector:
     """One in-memory pass over ``blocks`` ``[n, S]`` (no checkpoints): e.g. Grams for an ad-hoc fit."""
-    rope = model_rope(model) if "sals_grams" in groups else None
+    rope = model_rope(model, dtype=torch.float32)
     collector = StatisticsCollector(ModelShape.of(model), groups, n_sink, entropy_stride, rope)
     with observe_attention(model, collector.observe):
         for block in tqdm(blocks, desc="calibration statistics", unit="block", disable=not progress):

@@ -33,7 +33,7 @@ from kvtrain.calibrate.fit import fit_projections, o_proj_weights
 from kvtrain.calibrate.statistics import collect_statistics
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.eval.report import print_table
-from kvtrain.io import atomic_write_text
+from kvtrain.io import atomic_write_text, check_writable
 from kvtrain.lowrank import project_cache, project_queries
 from kvtrain.models import load_model
 from kvtrain.quant import fake_quantize
@@ -242,6 +242,8 @@ def _variant_from_args(args: argparse.Namespace, model, tokenizer) -> FidelityVa
 
 
 def cmd_eval_fidelity(args: argparse.Namespace) -> None:
+    if args.out:
+        check_writable(args.out, "--out", folder=False)
     model, tokenizer = load_model(args.model)
     variant = _variant_from_args(args, model, tokenizer)
     blocks = token_blocks(tokenizer, load_texts(args.data, args.split), args.block_len, args.blocks)

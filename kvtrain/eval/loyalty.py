@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvtrain.config import KVCompressionConfig
+from kvtrain.errors import NonFiniteError
 from kvtrain.models import head_dim
 from kvtrain.runtime.cache import CompressedCache
 from kvtrain.runtime.compressor import LayerPairs
@@ -49,7 +50,12 @@ class LoyaltyResult:
 
 
 def continuation_metrics(full_logits: Tensor, comp_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """Per-token metrics; logits [n, V] predict `targets` [n]."""
+    """Per-token metrics; logits [n, V] predict `targets` [n]. Non-finite logits are an error, never a metric."""
+    for name, logits in (("full-cache (reference)", full_logits), ("compressed", comp_logits)):
+        if not torch.isfinite(logits).all():
+            bad = int((~torch.isfinite(logits)).any(dim=-1).nonzero()[0])
+            raise NonFiniteError(f"the {name} logits are not finite (first at continuation token {bad}): "
+                                 "no loyalty metric can be computed from them")
     log_full = F.log_softmax(full_logits.float(), dim=-1)
     log_comp = F.log_softmax(comp_logits.float(), dim=-1)
     return {

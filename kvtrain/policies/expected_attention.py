@@ -8,8 +8,8 @@ post-RoPE key k and attention scaling s, the Gaussian moment-generating function
     log E[exp(s * q.k)] = s * mu'.k + s^2 / 2 * k^T Sigma' k,
 
 the log of the expected *unnormalised* attention. Its softmax over the valid keys, averaged over the GQA group
-and weighted by ``(a + epsilon) * ||v||``, is the score. RoPE follows the HF ``rotate_half`` convention with the
-default (unscaled) Llama frequencies.
+and weighted by ``(a + epsilon) * ||v||``, is the score. RoPE is the model's own rotary embedding
+(`ScoreInputs.rope_tables`: rope scaling such as Llama-3.1's llama3 or YaRN included).
 """
 
 from __future__ import annotations
@@ -20,29 +20,10 @@ import torch
 from torch import Tensor
 
 from kvtrain.artifacts.query_stats import QueryStats, load_query_stats
-from kvtrain.models.rope import rope_inv_freq, rotate_half, unrotate_queries
+from kvtrain.models.rope import average_rotation, unrotate
 from kvtrain.policies.base import ScoreInputs, Scorer, register_scorer
 
 ONLINE = "online"
-
-
-def rope_average_matrix(start: Tensor, n_positions: int, head_dim: int, theta: float) -> Tensor:
-    """``Rbar = (1/T) sum_{p=start}^{start+T-1} R_p`` ``[b, d, d]`` for RoPE start positions ``start`` ``[b]``.
-
-    ``R_p x = x * cos(p f) + rotate_half(x) * sin(p f)``, so ``Rbar = diag(mean cos) + diag(mean sin) P`` with P the
-    matrix of `rotate_half`.
-    """
-    if n_positions < 1:
-        raise ValueError(f"n_positions={n_positions} must be >= 1")
-    inv_freq = rope_inv_freq(head_dim, theta, start.device)
-    steps = torch.arange(n_positions, device=start.device)
-    pos = (start[:, None] + steps[None, :]).float()  # [b, T]
-    angles = pos[..., None] * inv_freq  # [b, T, d/2]
-    cos_bar = torch.cat((angles.cos().mean(dim=1),) * 2, dim=-1)  # [b, d]
-    sin_bar = torch.cat((angles.sin().mean(dim=1),) * 2, dim=-1)
-    eye = torch.eye(head_dim, device=start.device)
-    half_turn = rotate_half(eye).T  # column j of P is rotate_half(e_j)
-    return torch.diag_embed(cos_bar) + sin_bar[..., :, None] * half_turn
 
 
 def gaussian_log_mgf(mu: Tensor, sigma: Tensor | None, keys: Tensor, scaling: float) -> Tensor:
@@ -59,7 +40,7 @@ def gaussian_log_mgf(mu: Tensor, sigma: Tensor | None, keys: Tensor, scaling: fl
 def online_query_stats(inputs: ScoreInputs) -> tuple[Tensor, Tensor]:
     """Mean ``[b, h_q, d]`` and (biased) covariance ``[b, h_q, d, d]`` of the row's real pre-RoPE window queries."""
     rope_pos = inputs.query_positions[None, :] - inputs.rope_offset[:, None]  # [b, w]
-    pre = unrotate_queries(inputs.queries, rope_pos, inputs.rope_theta)
+    pre = unrotate(inputs.queries.float(), *inputs.rope_tables(rope_pos))
     real = inputs.real_queries().float()[:, None, :, None]  # [b, 1, w, 1]
     count = real.sum(dim=2, keepdim=True).clamp(min=1.0)
     mu = (pre * real).sum(dim=2, keepdim=True) / count
@@ -118,7 +99,7 @@ class ExpectedAttentionScorer(Scorer):
         mu, sigma = self._statistics(inputs)
         # The next token's RoPE position, per row (not the window length, which is kvpress's decode-mode slip).
         start = inputs.query_positions[-1] - inputs.rope_offset + 1  # [b]
-        rbar = rope_average_matrix(start, self.n_future_positions, d, inputs.rope_theta)[:, None]  # [b, 1, d, d]
+        rbar = average_rotation(inputs.rope_tables, start, self.n_future_positions, d)[:, None]  # [b, 1, d, d]
         mu_f = (rbar @ mu[..., None]).squeeze(-1).view(b, h_kv, g, d)
         sigma_f = (rbar @ sigma @ rbar.transpose(-1, -2)).view(b, h_kv, g, d, d) if self.use_covariance else None
         z = gaussian_log_mgf(mu_f, sigma_f, inputs.keys.float(), inputs.scaling)  # [b, h_kv, g, n]

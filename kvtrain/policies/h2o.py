@@ -21,11 +21,13 @@ class H2OScorer(Scorer):
     GQA group with ``group_reduce``) to the running sum of each key. Nothing is evicted between two events,
     so this is exactly the attention those queries had at decode time, and every decoded query is counted
     once, **provided ``query_window >= compression interval``**; with a shorter window the queries that fell
-    out of it between two events are silently missing from the sum. At the first event only the last
-    ``query_window`` prompt queries are seen (the prefill's earlier queries are not kept).
+    out of it between two events are missing from the sum (the config warns, naming both fields). At the
+    first event only the last ``query_window`` prompt queries are seen (the prefill's earlier queries are not
+    kept).
     """
 
     name = "h2o"
+    counts_every_query = True
     group_reduce: str = "mean"
 
     def __post_init__(self) -> None:

@@ -17,8 +17,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 
 from kvtrain.config import KVCompressionConfig
-from kvtrain.models.rope import model_rope, rope_theta
-from kvtrain.models.shape import check_supported
+from kvtrain.models.rope import model_rope
+from kvtrain.models.shape import check_supported, sliding_windows
 from kvtrain.runtime.attention import attend_with_stored, key_validity
 from kvtrain.runtime.compressor import (
     EventRecord,
@@ -41,13 +41,12 @@ class CompressedLayer(AttendingLayer):
     """One layer's compressed KV store (a dense layer when `compressor` is None)."""
 
     def __init__(
-        self, layer_idx: int, module: torch.nn.Module, compressor: LayerCompressor | None, rope_theta: float,
-        record: bool, notices: "Notices",
+        self, layer_idx: int, module: torch.nn.Module, compressor: LayerCompressor | None, record: bool,
+        notices: "Notices",
     ):
         super().__init__(layer_idx, module)
         self.notices = notices
         self.compressor = compressor
-        self.rope_theta = rope_theta
         self.record = record
         self._reset_state()
 
@@ -136,7 +135,6 @@ class CompressedLayer(AttendingLayer):
                 tokens_seen=self.seen,
                 last_event_position=self.last_event_position,
                 scaling=scaling,
-                rope_theta=self.rope_theta,
             )
             self.last_event_position = self.seen - 1
             if record is None and q_len > 1 and self.layer_idx == self.notices.first_compressed_layer:
@@ -183,16 +181,17 @@ class CompressedCache(Cache):
             raise ValueError("build the cache with CompressedCache.for_model(model, config): its layers attend "
                              "through the model's attention modules")
         self.compression_config = config
-        compressors = build_compressors(config, model_config, projections=projections)
-        theta = rope_theta(model_config)
+        compressors = build_compressors(config, model, projections=projections)
         compressed = [i for i, c in enumerate(compressors) if c is not None]
         notices = Notices(compressed[0] if compressed else None)
         modules = _modules_by_layer(model)
-        layers = [CompressedLayer(i, modules[i], c, theta, record, notices) for i, c in enumerate(compressors)]
+        layers = [CompressedLayer(i, modules[i], c, record, notices) for i, c in enumerate(compressors)]
         if config.sals is not None:
             runtime = SalsRuntime.build(config, model_config, model_rope(model))
             layers = [SalsLayer(i, modules[i], c, runtime, record) if c is not None else layer
                       for i, (c, layer) in enumerate(zip(compressors, layers))]
+        for layer, window in zip(layers, sliding_windows(model_config)):
+            layer.sliding_window = window
         super().__init__(layers=layers)
 
     @classmethod

@@ -19,11 +19,13 @@ import torch
 from torch import Tensor
 
 from kvtrain.artifacts.projections import LowRankPair, read_projections_for_model
-from kvtrain.artifacts.quant_plan import read_quant_plan
-from kvtrain.config import KVCompressionConfig, LayerPolicy, LowRankConfig
+from kvtrain.artifacts.quant_plan import QuantPlan, read_quant_plan
+from kvtrain.config import ConfigError, KVCompressionConfig, LayerPolicy, LowRankConfig
+from kvtrain.models.rope import RopeFn, model_rope
 from kvtrain.policies import ScoreInputs, build_scorer
 from kvtrain.policies.keepkv import KeepKVMerger
 from kvtrain.policies.select import protected_mask, select
+from kvtrain.runtime.binding import check_codec_dims, check_config_for_model
 from kvtrain.runtime.codecs import ChainCodec, Codec, LowRankCodec, TadaCodec
 from kvtrain.runtime.storage import TokenStore
 
@@ -115,11 +117,13 @@ class EventRecord:
 
 
 class LayerCompressor:
-    """A layer's policy, built once from its `LayerPolicy`, applied at each event."""
+    """A layer's policy, built once from its `LayerPolicy`, applied at each event. `rope` is the model's rotary
+    embedding, handed to scorers that rotate or un-rotate queries (None: the default RoPE of `ScoreInputs`)."""
 
-    def __init__(self, policy: LayerPolicy, codecs: LayerCodecs | None = None):
+    def __init__(self, policy: LayerPolicy, codecs: LayerCodecs | None = None, rope: RopeFn | None = None):
         self.policy = policy
         self.codecs = codecs or LayerCodecs()
+        self.rope = rope
         self.scorer = build_scorer(policy.scorer.name, policy.scorer.params)
         merge = policy.merge
         self.merger = (
@@ -137,11 +141,10 @@ class LayerCompressor:
         tokens_seen: int,
         last_event_position: int,
         scaling: float,
-        rope_theta: float,
     ) -> tuple[StoredKV, EventRecord | None]:
         """Run one event. Returns the new stored set and what was kept (None if nothing was evicted)."""
         policy = self.policy
-        inputs = self._inputs(stored, queries, query_positions, rope_offset, last_event_position, scaling, rope_theta)
+        inputs = self._inputs(stored, queries, query_positions, rope_offset, last_event_position, scaling)
         # Scoring and selection are discrete decisions: no gradient flows through them, while the kept
         # keys and values (gathered or merged below) stay differentiable for training.
         with torch.no_grad():
@@ -183,7 +186,6 @@ class LayerCompressor:
         tokens_seen: int,
         last_event_position: int,
         scaling: float,
-        rope_theta: float,
     ) -> tuple[StoredKV, EventRecord | None]:
         """Run one event keeping the positions `kept` [b, h_kv, k] (`EventRecord.kept` of the cache that ran
         this event, -1 = empty slot), or, for `kept` None (the cache evicted nothing then), keeping everything.
@@ -206,12 +208,12 @@ class LayerCompressor:
                 )
             return _flushed(stored, {}), None
         keep_idx, keep_valid = _recorded_columns(stored, kept, seen_valid, tokens_seen, layer)
-        inputs = self._inputs(stored, queries, query_positions, rope_offset, last_event_position, scaling, rope_theta)
+        inputs = self._inputs(stored, queries, query_positions, rope_offset, last_event_position, scaling)
         return self._keep(stored, inputs, keep_idx, keep_valid, {}, tokens_seen)
 
     def _inputs(
         self, stored: StoredKV, queries: Tensor, query_positions: Tensor, rope_offset: Tensor,
-        last_event_position: int, scaling: float, rope_theta: float,
+        last_event_position: int, scaling: float,
     ) -> ScoreInputs:
         return ScoreInputs(
             keys=stored.keys,
@@ -225,8 +227,8 @@ class LayerCompressor:
             scaling=scaling,
             layer_idx=self.policy.layer_idx,
             last_event_position=last_event_position,
-            rope_theta=rope_theta,
             log_votes=stored.log_votes,
+            rope=self.rope,
         )
 
     def _over_budget(self, stored: StoredKV, tokens_seen: int) -> bool:
@@ -267,18 +269,24 @@ LayerPairs = tuple[list[LowRankPair | None], list[LowRankPair | None]]
 
 
 def build_compressors(
-    config: KVCompressionConfig, model_config, *, projections: LayerPairs | None = None
+    config: KVCompressionConfig, model, *, projections: LayerPairs | None = None
 ) -> list[LayerCompressor | None]:
-    """One compressor per layer (None for dense layers), with the codecs the config asks for.
+    """One compressor per layer of `model` (None for dense layers), with the codecs the config asks for.
 
-    `projections` replaces the pairs read from `config.lowrank.projections` (see `layer_codecs`).
+    `projections` replaces the pairs read from `config.lowrank.projections` (see `layer_codecs`). The model's
+    rotary embedding is taken once here, in float32, for the scorers that un-rotate queries (Expected Attention):
+    with rope scaling (Llama-3.1's llama3, YaRN) the default frequencies would be wrong.
     """
+    model_config = model.config
+    check_config_for_model(config, model_config)
     num_layers = model_config.num_hidden_layers
     codecs = layer_codecs(config, model_config, projections=projections)
+    check_codec_dims(codecs, model_config, config)
+    rope = model_rope(model, dtype=torch.float32)
     compressors = []
     for i in range(num_layers):
         policy = config.layer_policy(i, num_layers)
-        compressors.append(LayerCompressor(policy, codecs[i]) if policy is not None else None)
+        compressors.append(LayerCompressor(policy, codecs[i], rope) if policy is not None else None)
     return compressors
 
 
@@ -295,22 +303,44 @@ def layer_codecs(
     elif config.lowrank is not None:
         key_pairs, value_pairs = projections_for(config.lowrank, model_config)
     key_bits = value_bits = [None] * num_layers
+    group = 0
     if config.quant is not None:
         key_bits, value_bits = [config.quant.key_bits] * num_layers, [config.quant.value_bits] * num_layers
+        group = config.quant.group_size
         if config.quant.plan:
-            plan = read_quant_plan(config.quant.plan)
-            plan_bits = plan.bits
-            if len(plan_bits) != num_layers:
-                raise ValueError(f"{config.quant.plan}: {len(plan_bits)} layers in the plan, the model has {num_layers}")
+            plan_bits = checked_quant_plan(config, num_layers).bits
             key_bits = [b if config.quant.key_bits is not None else None for b in plan_bits]
             value_bits = [b if config.quant.value_bits is not None else None for b in plan_bits]
-    group = config.quant.group_size if config.quant is not None else 0
-    if config.quant is not None and config.quant.plan:
-        group = plan.group_size
     return [
         LayerCodecs(_codec(key_pairs[i], key_bits[i], group), _codec(value_pairs[i], value_bits[i], group))
         for i in range(num_layers)
     ]
+
+
+def checked_quant_plan(config: KVCompressionConfig, num_layers: int) -> QuantPlan:
+    """The calibrated TaDA plan of `config.quant.plan`, refused where it disagrees with the config or the model.
+
+    Its bits were chosen by measuring each layer quantised at the plan's `group_size`, so the config must
+    quantise with that group size; its `residual_length` (tokens kept in full precision) is, at run time, the
+    tokens since the last event, i.e. `schedule.interval`.
+    """
+    path = config.quant.plan
+    plan = read_quant_plan(path)
+    if len(plan.bits) != num_layers:
+        raise ConfigError(f"{path}: {len(plan.bits)} layers in the plan, the model has {num_layers}")
+    if plan.group_size != config.quant.group_size:
+        raise ConfigError(
+            f"{path}: group_size={plan.group_size} but quant.group_size={config.quant.group_size}: the plan's bits "
+            f"were chosen at its group size; set quant.group_size: {plan.group_size}"
+        )
+    if plan.residual_length != config.schedule.interval:
+        raise ConfigError(
+            f"{path}: residual_length={plan.residual_length} but schedule.interval={config.schedule.interval}: the "
+            "cache keeps the tokens since the last event (at most schedule.interval) in full precision; set "
+            f"schedule.interval: {plan.residual_length} or calibrate with --tada-residual-length "
+            f"{config.schedule.interval}"
+        )
+    return plan
 
 
 def projections_for(lowrank: LowRankConfig, model_config) -> LayerPairs:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
+from kvtrain.models.shape import check_window
 from kvtrain.runtime.compressor import EventRecord
 from kvtrain.runtime.routing import Route, bind_route, restore_route
 
@@ -32,6 +33,7 @@ class AttendingLayer(CacheLayerMixin, Route):
         self.module = module
         self.records: list[EventRecord] = []
         self._displaced: Route | None = None
+        self.sliding_window: int | None = None  # the model's window for this layer (None: full attention)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if self._pending is not None:
@@ -40,6 +42,7 @@ class AttendingLayer(CacheLayerMixin, Route):
                 "use attn_implementation='kvtrain' (call kvtrain.use_kvtrain_attention(model) or build the cache "
                 "with CompressedCache.for_model)"
             )
+        check_window(self.sliding_window, self.layer_idx, self.get_seq_length() + key_states.shape[2], "CompressedCache")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._pending = (key_states, value_states)

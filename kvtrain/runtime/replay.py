@@ -11,8 +11,10 @@ With `keep_sets=` (the `records` of the `CompressedCache` that sampled these ver
 recorded positions instead of selecting again (`LayerCompressor.apply_recorded`): the forward then attends
 exactly what the sampling cache attended, whatever the weights are now. That is what training on sampled
 rollouts needs (GRPO): selection recomputed from this forward's own queries could flip near-ties, and after an
-update it would select for another policy than the one that sampled. Gradients flow through the kept keys and values, not through selection (nor
-through KeepKV's log votes, which both attention paths treat as constants).
+update it would select for another policy than the one that sampled.
+
+Gradients flow through the kept keys and values, not through selection (nor through KeepKV's log votes, which
+both attention paths treat as constants).
 
 The replay is bound to the model's attention modules as their route (`kvtrain.runtime.routing`), not to the
 calling thread: gradient checkpointing recomputes a layer's forward during backward (on CUDA, in autograd's
@@ -34,8 +36,8 @@ from torch import Tensor
 from kvtrain import kernels
 from kvtrain.config import KVCompressionConfig, ScheduleConfig
 from kvtrain.kernels.dispatch import use_kernels
-from kvtrain.models.rope import model_rope, rope_theta
-from kvtrain.models.shape import check_supported
+from kvtrain.models.rope import model_rope
+from kvtrain.models.shape import check_supported, check_window, sliding_windows
 from kvtrain.runtime.attention import attend_with_stored, key_validity
 from kvtrain.runtime.compressor import (
     EventRecord,
@@ -58,10 +60,10 @@ class Replay(Route):
     compressors: list[LayerCompressor | None]
     schedule: ScheduleConfig
     prefill_len: int
-    rope_theta: float
     record: bool
     records: list[list[EventRecord]] = field(default_factory=list)
     sals: SalsRuntime | None = None  # set for a SALS config: its non-dense layers attend by `sals_replay_attention`
+    sliding_windows: list[int | None] | None = None  # the model's per-layer windows (None: all full attention)
     keep_sets: list[list[EventRecord]] | None = None  # per layer, recorded events to apply instead of selecting
 
     def __post_init__(self) -> None:
@@ -83,6 +85,8 @@ class Replay(Route):
         b, _, seq_len, _ = query.shape
         if seq_len < self.prefill_len:
             raise ValueError(f"replay got a {seq_len}-token sequence but prefill_len={self.prefill_len}")
+        if self.sliding_windows is not None:
+            check_window(self.sliding_windows[layer_idx], layer_idx, seq_len, "replay_compression")
         if self.sals is not None and self.compressors[layer_idx] is not None:
             return sals_replay_attention(self.sals, layer_idx, self.compressors[layer_idx], self.prefill_len, query,
                                          key, value, attention_mask, scaling, position_ids)
@@ -141,7 +145,6 @@ class Replay(Route):
                 tokens_seen=end,
                 last_event_position=last_event,
                 scaling=scaling,
-                rope_theta=self.rope_theta,
             )
             if recorded is None:
                 stored, record = compressor(stored, **event)
@@ -234,10 +237,13 @@ def replay_compression(
     """
     check_supported(model.config)
     use_kvtrain_attention(model)
-    compressors = build_compressors(config, model.config, projections=projections)
+    compressors = build_compressors(config, model, projections=projections)
     if keep_sets is not None:
         _check_keep_sets(keep_sets, compressors, config)
-    replay = Replay(compressors, config.schedule, prefill_len, rope_theta(model.config), record, keep_sets=keep_sets)
+    replay = Replay(
+        compressors, config.schedule, prefill_len, record, sliding_windows=sliding_windows(model.config),
+        keep_sets=keep_sets,
+    )
     if config.sals is not None:
         replay.sals = SalsRuntime.build(config, model.config, model_rope(model))
     with routed(model, replay):

@@ -139,6 +139,10 @@ def kvtrain_attention(module, query, key, value, attention_mask, scaling=None, d
     if route is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    if dropout:
+        # transformers passes the module's attention_dropout in training mode; no route applies it.
+        raise ValueError(f"layer {module.layer_idx}: attention dropout {dropout} (config.attention_dropout) is not "
+                         "supported by kvtrain's compressed cache and replay; set attention_dropout to 0")
     # transformers passes the forward's RoPE positions along; SALS un-rotates queries and keys with them.
     out = route(module, query, key, value, attention_mask, scaling, kwargs.get("position_ids"))
     return out.transpose(1, 2), None

@@ -34,7 +34,8 @@ class DistillationArguments:
     loyalty_dataset_name: Optional[str] = field(default=None, metadata={"help": "held-out text for loyalty (default: dataset_name)"})
     loyalty_split: str = field(default="heldout", metadata={"help": "split of the loyalty text"})
     loyalty_blocks: int = field(default=4, metadata={"help": "held-out blocks for loyalty before/after training (0 = skip)"})
-    resume: Optional[str] = field(default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir, fresh start if none) or a checkpoint path"})
+    resume: Optional[str] = field(default=None, metadata={"help": "'latest' (newest intact checkpoint in output_dir, fresh start if none) or a checkpoint path"})
+    allow_resume_changes: bool = field(default=False, metadata={"help": "resume even though run-defining arguments (learning rate, compression, ...) differ from the checkpoint's run; the changes are recorded"})
     train_projections: bool = field(default=False, metadata={"help": "train the low-rank projections of the compression config (lowrank.projections) jointly with the student and save the trained ones as the output's artifacts"})
     projection_learning_rate: Optional[float] = field(default=None, metadata={"help": "peak learning rate of the trained projections, same schedule (default: learning_rate)"})
 

@@ -82,10 +82,10 @@ def publish(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in `run_dir`, or None."""
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The published checkpoints of `run_dir`, newest (highest step) first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        return None
+        return []
     steps = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _COMPLETE.match(p.name))]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps, reverse=True)]

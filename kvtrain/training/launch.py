@@ -1,6 +1,7 @@
 """What every training entry point (`train/distill.py`, `train/grpo.py`) does before its trainer exists: parse a
-recipe plus `--field value` overrides into its argument dataclasses, check the output folder, create the CPU
-process group, resolve a resume request, name a dtype."""
+recipe plus `--field value` overrides into its argument dataclasses, check the training length and the output
+folder, lock the output folder, refuse sequences longer than a sliding window, create the CPU process group.
+Resume checks live in `kvtrain.training.resume`, model options in `kvtrain.training.model_options`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from trl import TrlParser
+from transformers import TrainingArguments
+from trl import ModelConfig, TrlParser
 
-from kvtrain.training import checkpoints
+from kvtrain.errors import UserError
+from kvtrain.io import OutputLock
+from kvtrain.models.loading import load_config
+from kvtrain.models.shape import check_window, sliding_windows
 from kvtrain.training.recipe import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -56,24 +61,6 @@ def check_output_dir(path: str | Path) -> None:
         raise ValueError(f"output_dir {str(path)!r} is not writable: {err.strerror or err}") from None
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """The checkpoint to resume from: 'latest' (the newest complete one in `output_dir`, None if there is none)
-    or a checkpoint folder."""
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() in ("latest", "true"):
-        found = checkpoints.latest_checkpoint(output_dir)
-        if found is None:
-            logger.warning("resume=latest: no complete checkpoint in %s, starting from scratch", output_dir)
-            return None
-        logger.info("resuming from %s", found)
-        return str(found)
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"resume={value!r}: not a complete checkpoint folder (no trainer_state.json)")
-    return str(path)
-
-
 def init_cpu_distributed() -> None:
     """On GPU-less machines launched with several processes, create the process group with gloo ourselves.
 
@@ -95,10 +82,25 @@ def init_cpu_distributed() -> None:
     PartialState(cpu=not deepspeed, backend="gloo")
 
 
-def torch_dtype(name: str | None) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.float32
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype (e.g. float32, bfloat16)")
-    return value
+def check_training_length(training_args: TrainingArguments) -> None:
+    """A run must train: at least one step (or, with max_steps -1, a positive number of epochs)."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise UserError(f"max_steps={training_args.max_steps}: must be >= 1 (or -1 to train num_train_epochs)")
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise UserError(f"num_train_epochs={training_args.num_train_epochs} with max_steps=-1: nothing would be trained")
+
+
+def lock_output(output_dir: str | Path, prog: str, argv: list[str] | None) -> OutputLock:
+    """Take `output_dir` for this job (see `OutputLock`), logging a stale lock taken over."""
+    lock = OutputLock(output_dir, " ".join([prog, *(sys.argv[1:] if argv is None else argv)]))
+    for warning in lock.acquire():
+        logger.warning(warning)
+    return lock
+
+
+def check_sliding_windows(model_args: ModelConfig, length: int, field: str, revision: str | None) -> None:
+    """Refuse, before the weights load, sequences of `length` tokens (the recipe's `field`) longer than a
+    sliding-window layer's window (see `check_window`)."""
+    _, config = load_config(model_args.model_name_or_path, revision=revision)
+    for layer, window in enumerate(sliding_windows(config)):
+        check_window(window, layer, length, f"{model_args.model_name_or_path} with {field}")

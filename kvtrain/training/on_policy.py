@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -37,15 +38,16 @@ def generate_continuations(
     temperature: float,
     seed: int,
     pad_token_id: int,
-    eos_token_id: int | None,
+    eos_token_ids: Sequence[int],
     projections: LayerPairs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample `total_len - P` tokens after `prompts` [b, P] under a `CompressedCache`.
 
     `model` is what `generate` is called on (a PeftModel or the causal LM), `base_model` the causal LM
-    the cache hooks into. Returns (input_ids, attention_mask), both [b, total_len]; tokens after a row's
-    first EOS are padding (mask 0). The model runs in eval mode (no LoRA dropout) while generating.
-    `projections`: the low-rank pairs being trained, in place of the config's file.
+    the cache hooks into. A row stops at the first of any of `eos_token_ids` (Llama-3.1-Instruct has three;
+    empty: no EOS, every row runs to `total_len`). Returns (input_ids, attention_mask), both [b, total_len];
+    tokens after a row's first EOS are padding (mask 0). The model runs in eval mode (no LoRA dropout) while
+    generating. `projections`: the low-rank pairs being trained, in place of the config's file.
     """
     cache = CompressedCache.for_model(base_model, kv_config, projections=projections)
     was_training = model.training
@@ -62,18 +64,22 @@ def generate_continuations(
                 top_k=0,
                 top_p=1.0,
                 pad_token_id=pad_token_id,
-                eos_token_id=eos_token_id,
+                eos_token_id=list(eos_token_ids) or None,
             )
     finally:
         model.train(was_training)
     ids = torch.full((prompts.shape[0], total_len), pad_token_id, dtype=prompts.dtype, device=prompts.device)
     ids[:, : out.shape[1]] = out
     mask = torch.ones_like(ids)
-    if eos_token_id is not None:
-        continuation = ids[:, prompts.shape[1] :]
-        # A token is padding once an EOS occurred strictly before it in the continuation.
-        seen_eos = (continuation == eos_token_id).long().cumsum(dim=1) - (continuation == eos_token_id).long()
-        mask[:, prompts.shape[1] :] = (seen_eos == 0).long()
+    mask[:, prompts.shape[1] :] = mask_after_eos(ids[:, prompts.shape[1] :], eos_token_ids)
     mask[:, out.shape[1] :] = 0
     ids = ids.masked_fill(mask == 0, pad_token_id)
     return ids, mask
+
+
+def mask_after_eos(continuation: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
+    """``[b, n]`` long: 1 up to and including a row's first token from `eos_token_ids`, 0 after it."""
+    is_eos = torch.isin(continuation, torch.tensor(list(eos_token_ids), dtype=continuation.dtype,
+                                                   device=continuation.device)).long()
+    # A token is padding once an EOS occurred strictly before it.
+    return ((is_eos.cumsum(dim=1) - is_eos) == 0).long()

@@ -15,25 +15,29 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import get_peft_model
+from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments
 from trl import ModelConfig, get_peft_config
 
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
-from kvtrain.models import load_model, model_fingerprint
+from kvtrain.io import OutputLock
+from kvtrain.models import check_positions, load_model, model_fingerprint
 from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.launch import (
     check_output_dir,
+    check_sliding_windows,
+    check_training_length,
     init_cpu_distributed,
+    lock_output,
     parse_recipe_args,
-    torch_dtype,
 )
-from kvtrain.training.launch import resolve_resume as resolve_checkpoint
+from kvtrain.training.model_options import load_options
 from kvtrain.training.output import write_artifacts
 from kvtrain.training.projections import TrainableProjections
+from kvtrain.training.resume import check_resume, resolve_resume, run_record
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
 from kvtrain.training.trainer import CompressionDistillationTrainer
 
@@ -78,11 +82,6 @@ def parse_args(argv: list[str] | None = None):
     return parse_recipe_args(ARGUMENT_TYPES, argv)
 
 
-def resolve_resume(distill_args: DistillationArguments, training_args: TrainingArguments) -> str | None:
-    """The checkpoint to resume from: `resume` ('latest' or a path), else TrainingArguments.resume_from_checkpoint."""
-    return resolve_checkpoint(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
-
-
 def is_zero3(trainer: CompressionDistillationTrainer) -> bool:
     return trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
 
@@ -116,6 +115,7 @@ def check_sharding(trainer: CompressionDistillationTrainer, distill_args: Distil
 class Run:
     """One distillation, built and ready to train: its arguments, the trainer and what the output records."""
 
+    lock: OutputLock
     distill_args: DistillationArguments
     kv_args: KVCompressionArguments
     training_args: TrainingArguments
@@ -125,6 +125,7 @@ class Run:
     tokenizer: object
     fingerprint: dict
     resume: str | None
+    resume_changes: list[str]
     projections: TrainableProjections | None
 
 
@@ -132,18 +133,27 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     """Parse and check the arguments, load the student and its teacher, cut the data, make the trainer."""
     distill_args, kv_args, training_args, model_args = parse_args(argv)
     kv_config = kv_args.to_config()
+    check_training_length(training_args)
     if distill_args.train_projections:
         TrainableProjections.check_config(kv_config)
     check_output_dir(training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    lock = lock_output(training_args.output_dir, "train/distill.py", argv)
     transformers.set_seed(training_args.seed)
-    resume = resolve_resume(distill_args, training_args)
+    record = run_record(distill_args, kv_config, training_args, model_args)
+    resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
+    resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
-    model, tokenizer = load_model(model_args.model_name_or_path, dtype=torch_dtype(model_args.dtype))
+    options = load_options(model_args)
+    check_sliding_windows(model_args, distill_args.block_len, "block_len", options["revision"])
+    model, tokenizer = load_model(model_args.model_name_or_path, **options)
+    check_positions(model.config, distill_args.block_len, "block_len")
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
     if model_args.use_peft:
+        if "quantization_config" in options:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
         model = get_peft_model(model, get_peft_config(model_args))
         teacher = AdapterDisabledTeacher(model)
     else:
@@ -177,10 +187,11 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         teacher=teacher,
         loyalty_blocks=loyalty_blocks,
         projections=projections,
+        run_record=record,
     )
     check_sharding(trainer, distill_args)
-    return Run(distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint, resume,
-               projections)
+    return Run(lock, distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint,
+               resume, resume_changes, projections)
 
 
 def train(run: Run):
@@ -226,6 +237,7 @@ def save(run: Run, result) -> Path:
                     "training": run.training_args.to_dict(),
                 },
                 "resumed_from": run.resume,
+                "resume_changes": run.resume_changes,
                 "projections": run.projections.metadata() if run.projections is not None else {"trained": False},
                 "metrics": {
                     "train": result.metrics,
@@ -243,4 +255,8 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
     """Run one distillation; returns the output folder (weights + kv_compression/ + kvtrain_training.json)."""
     init_cpu_distributed()
     run = build(argv, callbacks)
-    return save(run, train(run))
+    try:
+        return save(run, train(run))
+    finally:
+        if run.trainer.accelerator.is_main_process:
+            run.lock.release()

@@ -29,16 +29,20 @@ from torch import Tensor
 from transformers import Trainer
 
 from kvtrain.config import KVCompressionConfig
+from kvtrain.errors import NonFiniteError
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.io import atomic_write_text
+from kvtrain.models.generation import eos_token_ids
 from kvtrain.runtime.compressor import LayerPairs
 from kvtrain.runtime.decode import position_ids_from_mask
 from kvtrain.runtime.replay import Replay, replay_compression, replay_disabled
 from kvtrain.training import checkpoints
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.losses import distillation_loss
+from kvtrain.training.numerics import check_finite_gradients, first_nonfinite_layer
 from kvtrain.training.on_policy import generate_continuations, step_generator
 from kvtrain.training.projections import CHECKPOINT_FILE, TrainableProjections
+from kvtrain.training.resume import RUN_FILE
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher, final_hidden_states
 
 _ON_POLICY_SALT = 1
@@ -61,6 +65,7 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
         teacher: AdapterDisabledTeacher | FrozenCopyTeacher,
         loyalty_blocks: Tensor | None = None,
         projections: TrainableProjections | None = None,
+        run_record: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -75,7 +80,9 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_replay: Replay | None = None
         self.projections = projections
+        self.run_record = run_record
         _check_head_supported(causal_lm(self.model))
+        _check_no_attention_dropout(causal_lm(self.model))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step` with the replay bound over forward *and* backward: under gradient
@@ -84,9 +91,12 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
         with self._replay(base) as replay:
             self._step_replay = replay
             try:
-                return super().training_step(model, inputs, num_items_in_batch)
+                loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._step_replay = None
+        if not self.is_deepspeed_enabled:  # DeepSpeed partitions the gradients; the loss check still holds
+            check_finite_gradients(model, self.state.global_step)
+        return loss
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -107,7 +117,7 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
                     temperature=self.distill_args.on_policy_temperature,
                     seed=self.args.seed + 7919 * self.state.global_step + self.accelerator.process_index,
                     pad_token_id=_pad_id(base, self.processing_class),
-                    eos_token_id=base.config.eos_token_id if isinstance(base.config.eos_token_id, int) else None,
+                    eos_token_ids=eos_token_ids(base),
                     projections=self._current_pairs(),
                 )
         positions = position_ids_from_mask(mask)
@@ -126,6 +136,11 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
             s_head, t_head = base.get_output_embeddings().weight, teacher.head_weight()
             with _gathered(s_head, t_head):
                 parts = distillation_loss(s_hidden, s_head, t_hidden, t_head, targets, spec)
+        if not torch.isfinite(parts.loss):
+            source = "the teacher's" if not torch.isfinite(t_hidden).all() else "the student's"
+            where = first_nonfinite_layer(base, ids, mask, positions)
+            raise NonFiniteError(f"step {self.state.global_step}: the distillation loss is {parts.loss.item()} "
+                                 f"({source} hidden states are not finite; {where}); training stopped")
         self._metrics["distill_loss"].append(parts.loss.item())
         self._metrics["divergence"].append(parts.divergence.item())
         self._metrics["ce"].append(parts.ce.item())
@@ -221,11 +236,14 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_extra_files(self, staging: Path) -> None:
-        """The trained projections and the loyalty so far, next to the Trainer's files (see AtomicCheckpoints)."""
+        """The trained projections, the loyalty so far and the run's arguments (for the resume check), next to
+        the Trainer's files (see AtomicCheckpoints)."""
         if self.projections is not None:
             self.projections.save(staging / CHECKPOINT_FILE)
         if self.loyalty:
             atomic_write_text(staging / LOYALTY_FILE, json.dumps(self.loyalty, indent=1))
+        if self.run_record is not None:
+            atomic_write_text(staging / RUN_FILE, json.dumps(self.run_record, indent=1, default=str))
 
     def restore_loyalty(self, checkpoint: str | Path, tag: str) -> bool:
         """Take the loyalty `tag` recorded in `checkpoint` (and log it again); False if it holds none."""
@@ -256,7 +274,8 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
 
 
 def _pad_id(model, tokenizer) -> int:
-    for source in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, model.config.eos_token_id):
+    eos = eos_token_ids(model)
+    for source in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, eos[0] if eos else None):
         if isinstance(source, int):
             return source
     raise ValueError("on-policy generation needs a pad token: the tokenizer and the model config define none")
@@ -273,6 +292,14 @@ def _gathered(*weights: Tensor):
 
     with deepspeed.zero.GatheredParameters(partitioned):
         yield
+
+
+def _check_no_attention_dropout(model) -> None:
+    """Refused here, before loyalty and the first step, what the attention function would refuse in training."""
+    dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        raise ValueError(f"{type(model).__name__}: attention_dropout={dropout} in the model config: attention dropout "
+                         "is not supported by kvtrain's compressed cache and replay; set it to 0 in config.json")
 
 
 def _check_head_supported(model) -> None:

@@ -13,10 +13,10 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from kvtrain.artifacts.query_stats import load_query_stats, save_query_stats
-from kvtrain.models.rope import unrotate_queries
+from kvtrain.models.rope import average_rotation, default_rope, unrotate
 from kvtrain.policies import build_scorer
 from kvtrain.policies.base import ScoreInputs
-from kvtrain.policies.expected_attention import gaussian_log_mgf, rope_average_matrix
+from kvtrain.policies.expected_attention import gaussian_log_mgf
 
 from . import make_inputs
 
@@ -55,7 +55,7 @@ def test_rope_average_matches_average_of_transformers_rotations(start, T):
     basis = torch.eye(d)[None, None].expand(1, T, d, d)  # [1, T, j, d]
     rotated, _ = apply_rotary_pos_emb(basis, basis, cos, sin, unsqueeze_dim=2)  # [1, T, j, d]
     expected = rotated[0].transpose(-1, -2).mean(dim=0)
-    got = rope_average_matrix(torch.tensor([start]), T, d, THETA)[0]
+    got = average_rotation(default_rope(d, THETA), torch.tensor([start]), T, d)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -69,7 +69,7 @@ def test_unrotation_recovers_pre_rope_queries():
         cos, sin = hf_rotation(d, rope_positions[bi], 500000.0)
         post[bi : bi + 1], _ = apply_rotary_pos_emb(pre[bi : bi + 1], pre[bi : bi + 1], cos, sin)
     assert not torch.allclose(post, pre)
-    torch.testing.assert_close(unrotate_queries(post, rope_positions, 500000.0), pre, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unrotate(post, *default_rope(d, 500000.0)(rope_positions)), pre, atol=1e-5, rtol=0)
 
 
 # --- the scorer against a loop reference --------------------------------------------------------------------

@@ -12,7 +12,6 @@ from kvtrain.artifacts.projections import Projections, write_projections
 from kvtrain.config import KVCompressionConfig
 from kvtrain.lowrank import LowRankPair
 from kvtrain.models import model_fingerprint, tiny_model
-from kvtrain.models.rope import rope_theta
 from kvtrain.runtime.compressor import build_compressors
 from kvtrain.runtime.replay import Replay, replay_compression
 from kvtrain.training.projections import TrainableProjections
@@ -49,7 +48,7 @@ def _hand_written_attention(q, k, v, key_pair, value_pair, prefill, scaling):
 
 def test_replay_gradient_equals_hand_written_attention():
     g = torch.Generator().manual_seed(0)
-    model_config = tiny_model("llama", num_layers=1, hidden_size=32, num_heads=H_Q, num_kv_heads=H_KV).config
+    model = tiny_model("llama", num_layers=1, hidden_size=32, num_heads=H_Q, num_kv_heads=H_KV)
     # The projections file is never read: the supplied pairs replace it.
     config = KVCompressionConfig.from_dict({
         "budget": None, "compression_ratio": 0.0, "sinks": 0, "recent": 0,
@@ -63,8 +62,8 @@ def test_replay_gradient_equals_hand_written_attention():
     weights = torch.randn(1, H_Q, SEQ, D, generator=g, dtype=torch.float64)
     scaling = D**-0.5
 
-    compressors = build_compressors(config, model_config, projections=([key_pair], [value_pair]))
-    replay = Replay(compressors, config.schedule, PREFILL, rope_theta(model_config), record=False)
+    compressors = build_compressors(config, model, projections=([key_pair], [value_pair]))
+    replay = Replay(compressors, config.schedule, PREFILL, record=False)
     out = replay.attend(0, q, k, v, None, scaling)
     grads = torch.autograd.grad((out * weights).sum(), leaves)
 

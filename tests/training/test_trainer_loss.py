@@ -55,9 +55,9 @@ def test_lora_student_under_compression_vs_adapter_free_teacher(tmp_path):
     use_kvtrain_attention(base)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():  # non-zero adapters, so the student differs from the teacher beyond compression
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(hash(name) % 1000))
+        lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+        for seed, p in enumerate(lora_b):  # named_parameters has a fixed order; str hashes change per process
+            p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
     trainer, ids = _trainer(tmp_path, model, AdapterDisabledTeacher(model))
     loss = trainer.compute_loss(trainer.model, {"input_ids": ids})
     with model.disable_adapter(), torch.no_grad():

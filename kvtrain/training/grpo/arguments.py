@@ -24,7 +24,8 @@ class GRPOTaskArguments:
     rollout_cache: str = field(default="compressed", metadata={"help": "compressed: sample under the compression config and train on the replay of each rollout's keep-sets (RL-Sparse); full: sample and train with the full cache (RL-Full)"})
     reference_cache: str = field(default="compressed", metadata={"help": "with beta > 0, the KL reference (the weights with adapters disabled) runs under the rollout's keep-sets (compressed) or with full attention (full)"})
     log_naive_gap: bool = field(default=True, metadata={"help": "log the rollout log-prob gap a full-attention training forward would have (one extra forward per fresh micro-batch)"})
-    resume: Optional[str] = field(default=None, metadata={"help": "'latest' (newest complete checkpoint in output_dir, fresh start if none) or a checkpoint path"})
+    resume: Optional[str] = field(default=None, metadata={"help": "'latest' (newest intact checkpoint in output_dir, fresh start if none) or a checkpoint path"})
+    allow_resume_changes: bool = field(default=False, metadata={"help": "resume even though run-defining arguments (learning rate, compression, task, ...) differ from the checkpoint's run; the changes are recorded"})
     merge_adapter: bool = field(default=False, metadata={"help": "LoRA: save merged full weights instead of the adapter"})
 
     def __post_init__(self) -> None:

@@ -1,16 +1,13 @@
-"""GRPO rewards, registered by name: each scores completions through a checker called by name.
-
-A checker is a small pure function `checker(response, reference=None, **params) -> float` in [0, 1], the
-convention of the evaluation suite's checkers (they double as rewards). Every reward reaches them through one
-adapter, `run_checker`; the few checkers the built-in tasks need live here until the evaluation suite's registry
-(`kvtrain.eval.checkers`, landing separately) replaces them behind that same adapter, names and semantics alike.
+"""GRPO rewards, registered by name: each scores completions with the evaluation suite's checkers
+(`kvtrain.eval.checkers`, called by name through its `run_checker`), so a reward and the evaluation of the same
+task agree by construction.
 
 Rewards (`build_rewards(names)` returns TRL reward functions, named so TRL logs `rewards/<name>/mean`):
 
 * ``task``: each completion is scored by its own item's checker (dataset columns ``checker``, ``reference``,
   ``checker_params``), so one recipe can mix tasks;
-* ``math_verify``: GSM8K-style, ``math_answer`` against the ``reference`` column (the first "The answer is X",
-  compared by math-verify).
+* ``math_verify``: GSM8K-style, the checker ``math_answer`` against the ``reference`` column (the first
+  "The answer is X", compared by math-verify).
 
 A reward that raises, returns NaN or infinity, or returns the wrong number of scores stops training with a
 `RewardError` naming the reward and the completion: a broken reward silently skipped or scored 0 would train the
@@ -21,90 +18,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 
-Checker = Callable[..., float]
-CHECKERS: dict[str, Checker] = {}
+from kvtrain.errors import UserError
+from kvtrain.eval.checkers import run_checker
+
 RewardFunction = Callable[..., list[float]]
 REWARDS: dict[str, Callable[[], RewardFunction]] = {}
 
 
-class RewardError(ValueError):
+class RewardError(UserError):
     """A reward failed on a completion; the message names the reward and the completion."""
 
 
-class UnknownRewardError(ValueError):
+class UnknownRewardError(UserError):
     """A reward or checker name that is not registered; the message lists the registered ones."""
-
-
-# ------------------------------------------------------------------ checkers (the evaluation suite's convention)
-def _checker(name: str) -> Callable[[Checker], Checker]:
-    def decorate(fn: Checker) -> Checker:
-        CHECKERS[name] = fn
-        return fn
-
-    return decorate
-
-
-def run_checker(name: str, response: str, reference: str | None = None, params: dict | None = None) -> float:
-    """The one adapter between rewards and checkers: score `response` with the checker `name`."""
-    if name not in CHECKERS:
-        raise UnknownRewardError(f"unknown checker {name!r}; registered checkers: {', '.join(sorted(CHECKERS))}")
-    return float(CHECKERS[name](response, reference, **(params or {})))
-
-
-def _need(reference: str | None, name: str) -> str:
-    if reference is None:
-        raise ValueError(f"checker {name!r} needs a reference")
-    return reference
-
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_ANSWER = re.compile(r"answer is\s*:?\s*\$?(-?\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-@_checker("first_number")
-def first_number(response: str, reference: str | None = None) -> float:
-    """The first number in the response equals the reference (a passkey, a sum)."""
-    match = _NUMBER.search(response)
-    return float(match is not None and match.group() == _need(reference, "first_number").strip())
-
-
-@_checker("verbatim_prefix")
-def verbatim_prefix(response: str, reference: str | None = None, words: int | None = None) -> float:
-    """The response starts with the reference's first `words` words (all by default), whitespace normalised."""
-    expected = _need(reference, "verbatim_prefix").split()
-    if words is not None:
-        expected = expected[:words]
-    if not expected:
-        raise ValueError("verbatim_prefix: the reference has no words")
-    return float(response.split()[: len(expected)] == expected)
-
-
-@_checker("lowercase")
-def lowercase(response: str, reference: str | None = None) -> float:
-    """Has letters, and none of them is upper case."""
-    return float(any(c.isalpha() for c in response) and response == response.lower())
-
-
-@_checker("ends_with")
-def ends_with(response: str, reference: str | None = None, phrase: str = "") -> float:
-    """The response, trailing whitespace ignored, ends with `phrase` (case ignored)."""
-    if not phrase:
-        raise ValueError("ends_with needs a non-empty phrase")
-    return float(response.rstrip().lower().endswith(phrase.lower()))
-
-
-@_checker("math_answer")
-def math_answer(response: str, reference: str | None = None) -> float:
-    """The first "The answer is X" statement equals the reference by math-verify (12 = 12.0); 0 without one."""
-    from math_verify import parse, verify
-
-    match = _ANSWER.search(response)
-    if match is None:
-        return 0.0
-    return float(verify(parse(_need(reference, "math_answer")), parse(match.group(1))))
 
 
 # ------------------------------------------------------------------ rewards

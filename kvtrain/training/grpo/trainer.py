@@ -27,6 +27,8 @@ is replayed: rollouts and training use the full cache.
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -34,18 +36,24 @@ from torch import Tensor
 from trl import GRPOTrainer
 
 from kvtrain.config import KVCompressionConfig
+from kvtrain.errors import NonFiniteError
+from kvtrain.io import atomic_write_text
 from kvtrain.runtime.replay import replay_compression, replay_disabled
 from kvtrain.training import checkpoints
 from kvtrain.training.grpo.arguments import GRPOTaskArguments
 from kvtrain.training.grpo.rollouts import POLICY_STEP, KeepSetBatch, recording_generate
+from kvtrain.training.numerics import check_finite_gradients
+from kvtrain.training.resume import RUN_FILE
 from kvtrain.training.trainer import causal_lm
 
 
 class CompressedGRPOTrainer(checkpoints.AtomicCheckpoints, GRPOTrainer):
-    def __init__(self, *args, kv_config: KVCompressionConfig, task_args: GRPOTaskArguments, **kwargs):
+    def __init__(self, *args, kv_config: KVCompressionConfig, task_args: GRPOTaskArguments,
+                 run_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.kv_config = kv_config
         self.task_args = task_args
+        self.run_record = run_record
         self.compressed = task_args.rollout_cache == "compressed"
         unsupported = {
             "use_vllm": self.use_vllm,
@@ -95,9 +103,12 @@ class CompressedGRPOTrainer(checkpoints.AtomicCheckpoints, GRPOTrainer):
         with contextlib.ExitStack() as stack:
             self._step_stack = stack
             try:
-                return super().training_step(model, inputs, num_items_in_batch)
+                loss = super().training_step(model, inputs, num_items_in_batch)
             finally:
                 self._step_stack = None
+        if not self.is_deepspeed_enabled:  # DeepSpeed partitions the gradients; the loss check still holds
+            check_finite_gradients(model, self.state.global_step)
+        return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -146,6 +157,9 @@ class CompressedGRPOTrainer(checkpoints.AtomicCheckpoints, GRPOTrainer):
             loss = super()._compute_loss(model, inputs)
         finally:
             self._rows = None
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"step {self.state.global_step}: the GRPO loss is {loss.item()} (log-probs or "
+                                 "advantages not finite); training stopped")
         if not self.model.training:
             return loss
         mask = self._loss_mask(inputs)
@@ -190,6 +204,13 @@ class CompressedGRPOTrainer(checkpoints.AtomicCheckpoints, GRPOTrainer):
     def _masked_max(self, x: Tensor, mask: Tensor) -> float:
         local = x.masked_fill(~mask, 0.0).max() if mask.any() else x.new_zeros(())
         return self.accelerator.gather(local.reshape(1)).max().item()
+
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_extra_files(self, staging: Path) -> None:
+        """The run's arguments, next to the Trainer's files, for the resume check (see `kvtrain.training.resume`)."""
+        if self.run_record is not None:
+            atomic_write_text(staging / RUN_FILE, json.dumps(self.run_record, indent=1, default=str))
 
 
 def _adapters_disabled(model) -> bool:

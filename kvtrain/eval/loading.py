@@ -1,0 +1,55 @@
+"""Loading what `kvtrain eval` evaluates: a model by name or path, or a training output (checkpoint).
+
+A checkpoint is a folder a kvtrain trainer wrote: weights plus `kv_compression/compression.json`, the
+compression it was trained for (`kvtrain.load_compressed`). A LoRA adapter is merged into the weights for
+evaluation, so generation and the cache see a plain model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvtrain.config import ConfigError, KVCompressionConfig
+from kvtrain.models import load_model
+from kvtrain.runtime.pretrained import load_compressed
+
+CHECKPOINT_CONFIG = Path("kv_compression") / "compression.json"
+TRAINING_METADATA = "kvtrain_training.json"
+
+
+def is_checkpoint(source: str) -> bool:
+    """A folder written by a kvtrain trainer (its metadata or a `kv_compression/` folder is there)."""
+    path = Path(source).expanduser()
+    return path.is_dir() and ((path / TRAINING_METADATA).is_file() or (path / "kv_compression").exists())
+
+
+def check_checkpoint(source: str | Path, what: str = "checkpoint") -> Path:
+    """The checkpoint folder, or a ConfigError naming what is missing."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{what} {str(source)!r}: no such folder")
+    if not (path / CHECKPOINT_CONFIG).is_file():
+        raise ConfigError(f"{what} {str(source)!r}: no {CHECKPOINT_CONFIG} (a kvtrain training output holds the "
+                          "compression it was trained for there; evaluate a plain model with --model and --kv-config)")
+    if not (path / TRAINING_METADATA).is_file():
+        raise ConfigError(f"{what} {str(source)!r}: no {TRAINING_METADATA}; not a kvtrain training output")
+    return path
+
+
+def load_for_eval(source: str):
+    """(model, tokenizer, the checkpoint's compression config or None) for a name, a path or a checkpoint."""
+    if is_checkpoint(source):
+        model, tokenizer, config = load_compressed(check_checkpoint(source))
+        if hasattr(model, "merge_and_unload"):  # a LoRA adapter: evaluate the merged weights
+            model = model.merge_and_unload()
+        model.eval()
+        return model, tokenizer, config
+    model, tokenizer = load_model(source)
+    return model, tokenizer, None
+
+
+def checkpoint_config(source: str | Path):
+    """The compression config a checkpoint was trained for (artifact paths resolved), without loading weights."""
+    path = check_checkpoint(source)
+    return KVCompressionConfig.load(path / CHECKPOINT_CONFIG).with_artifact_paths(
+        lambda name: str(path / "kv_compression" / name))
