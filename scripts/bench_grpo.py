@@ -7,7 +7,7 @@
    (`--rollout_cache full`: rollouts and training with the full cache), the same number of steps, one process.
 2. Evaluates the untrained model and both arms on held-out pass-key items (a seed stream disjoint from training),
    under the recipe's compression and with the full cache: greedy decoding, and sampling at the training
-   temperature with several seeds. Scores are the task's checker (`kvtrain.training.grpo.rewards.run_checker`).
+   temperature with several seeds. Scores are the task's checker (`kvtrain.eval.checkers`, as in training).
 3. Writes `results.md`, `results.csv` (evaluation), `rewards.csv` (training curves) and `reward_curve.png`.
 
 Noise: each mean comes with a 95% bootstrap interval over the held-out items (sampled modes average the seeds per
@@ -108,6 +108,7 @@ def recipe_settings():
 @torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], kv_config, *, sample: bool, seed: int, temperature: float,
            max_new_tokens: int) -> list[str]:
+    from kvtrain.models.generation import eos_token_ids
     from kvtrain.runtime.cache import CompressedCache
     from kvtrain.training.trainer import causal_lm
 
@@ -115,8 +116,7 @@ def answer(model, tokenizer, prompts: list[str], kv_config, *, sample: bool, see
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    eos = model.generation_config.eos_token_id
-    eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
+    eos = sorted({tokenizer.eos_token_id, *eos_token_ids(model)})  # as TRL stops rollouts
     cache = CompressedCache.for_model(causal_lm(model), kv_config) if kv_config is not None else None
     torch.manual_seed(seed)
     out = model.generate(**batch, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=sample,
@@ -126,7 +126,7 @@ def answer(model, tokenizer, prompts: list[str], kv_config, *, sample: bool, see
 
 
 def evaluate(work: Path, state: State, heldout: int, seeds: int) -> None:
-    from kvtrain.training.grpo.rewards import run_checker
+    from kvtrain.eval.checkers import run_checker
     from kvtrain.training.grpo.tasks import HELDOUT, task_items
 
     task, kv_config, config = recipe_settings()

@@ -32,8 +32,10 @@ def test_kill_after_checkpoint_then_resume_reproduces_the_run(reference, tiny_mo
     assert killed.returncode == 17, killed.stderr[-3000:]
     assert not (tmp_path / "kvtrain_training.json").exists()
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
-    resumed = run_grpo(args + ["--resume", "latest"])
+    steps_file = tmp_path / "steps-trained.txt"
+    resumed = run_grpo(args + ["--resume", "latest"], env={"KVTRAIN_TEST_STEPS": str(steps_file)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_file.read_text().split() == ["3", "4"]  # the resumed process trains only what was left
     metadata = training_metadata(tmp_path)
     assert metadata["resumed_from"] == str(tmp_path / "checkpoint-2")
     history = metadata["metrics"]["log_history"]
@@ -42,3 +44,14 @@ def test_kill_after_checkpoint_then_resume_reproduces_the_run(reference, tiny_mo
         assert sorted(got) == sorted(want), key
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-7), (key, step)
+
+
+def test_resuming_with_another_learning_rate_is_refused_naming_it(reference, tiny_model_dir, tmp_path):
+    """The checkpoint records the run's arguments: a resumed run that would learn differently is refused."""
+    args = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), *RUN]
+    killed = run_grpo(args, env={"KVTRAIN_TEST_KILL": "step:2"})
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    resumed = run_grpo(args + ["--resume", "latest", "--learning_rate", "5e-3", "--rewards", "task"])
+    assert resumed.returncode != 0
+    assert "training.learning_rate: 0.01 -> 0.005" in resumed.stderr and "task.rewards" in resumed.stderr, \
+        resumed.stderr[-3000:]
