@@ -270,7 +270,7 @@ def write_markdown(out: Path, rows: list[dict], curves: list[dict], state: State
         f"{kv_config.sinks} sinks, {kv_config.recent} recent, window {kv_config.query_window}, an event after prefill "
         f"and every {kv_config.schedule.interval} decode steps: each {config.max_completion_length}-token answer is "
         "sampled across decode-time evictions.",
-        f"* GRPO (TRL): {config.max_steps} steps of {config.per_device_train_batch_size} completions "
+        f"* GRPO (TRL): {max(c['step'] for c in curves)} steps of {config.per_device_train_batch_size} completions "
         f"({config.per_device_train_batch_size // config.num_generations} prompts x {config.num_generations}), "
         f"temperature {config.temperature}, LoRA r 16 on q/k/v/o, lr {config.learning_rate}, no KL, one update per "
         "generation. RL-Sparse samples through the compressed cache and trains on the replay of each rollout's "
