@@ -1,6 +1,6 @@
 """Bad inputs across the entry points: each gives one clear line naming what is wrong, a non-zero exit code, and
-no stack trace. The `kvtrain` command and train/distill.py run in-process under their own error boundary, on a
-tiny model saved like a Hub checkpoint."""
+no stack trace. The `kvtrain` command, train/distill.py and train/grpo.py run in-process under their own error
+boundary, on a tiny model saved like a Hub checkpoint."""
 
 from __future__ import annotations
 
@@ -17,10 +17,26 @@ from kvtrain.cli import main as kvtrain_main
 from kvtrain.errors import run_entry_point
 from kvtrain.io import LOCK_FILE
 from kvtrain.models import tiny_model, tiny_tokenizer
+from kvtrain.training.grpo.rewards import register_reward
+from kvtrain.training.grpo.run import main as grpo_main
 from kvtrain.training.run import main as distill_main
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2-135m" / "distill" / "gkv.yaml"
+GRPO_RECIPE = REPO / "recipes" / "smollm2-135m" / "grpo" / "passkey.yaml"
+
+
+@register_reward("bad_inputs_raises")
+def _raising_reward():
+    def reward(completions, **_):
+        raise KeyError("answer")
+
+    return reward
+
+
+@register_reward("bad_inputs_nan")
+def _nan_reward():
+    return lambda completions, **_: [float("nan")] * len(completions)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +72,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "truncated.safetensors": "",
         "truncated_projections.yaml": "budget: 32\nlowrank: {projections: TRUNCATED}\n",
         "unknown_key_recipe.yaml": "model_name_or_path: x\nnot_a_field: 1\n",
+        "grpo_unknown_key_recipe.yaml": "model_name_or_path: x\nrewards: [task]\nrollout_cahce: full\n",
         "bad_lr_recipe.yaml": "model_name_or_path: x\nlearning_rate: fast\n",
         "progress.json": "{not json",
     }
@@ -82,6 +99,12 @@ def distill(argv: list[str], capsys) -> tuple[int, str]:
     return code, out.out + out.err
 
 
+def grpo(argv: list[str], capsys) -> tuple[int, str]:
+    code = run_entry_point(lambda: grpo_main(argv), prog="train/grpo.py", debug=False)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
 def generate(model_dir, *extra):
     return ["generate", "--model", str(model_dir), "--prompt", "Python decorators", "--max-new-tokens", "4",
             "--no-chat", *extra]
@@ -92,6 +115,14 @@ def distill_args(model_dir, tmp_path, *extra):
             "--block_len", "32", "--prefill_len", "16", "--max_blocks", "4", "--loyalty_blocks", "0",
             "--report_to", "none", "--use_peft", "false", "--kv_budget", "8", "--kv_sinks", "2", "--kv_recent", "2",
             "--kv_window", "4", "--kv_interval", "4", *extra]
+
+
+def grpo_args(model_dir, tmp_path, *extra):
+    return ["--config", str(GRPO_RECIPE), "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out"),
+            "--prompt_format", "plain", "--use_peft", "false", "--train_items", "8", "--task_param", "filler=1",
+            "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
+            "--max_steps", "1", "--save_strategy", "no", "--use_cpu", "true", "--kv_budget", "8", "--kv_sinks", "2",
+            "--kv_recent", "2", "--kv_window", "4", "--kv_interval", "4", *extra]
 
 
 # (id, entry point, argv(model_dir, files, tmp_path), text the message must contain)
@@ -178,13 +209,25 @@ CASES = [
      "/nonexistent/d.jsonl"),
     ("distill-bool-budget-config", "distill", lambda m, f, t: distill_args(m, t, "--kv_config", str(f["bool_budget.yaml"])),
      "'budget' = True"),
+    ("grpo-recipe-unknown-key", "grpo", lambda m, f, t: ["--config", str(f["grpo_unknown_key_recipe.yaml"])],
+     "unknown key(s) ['rollout_cahce']"),
+    ("grpo-unknown-reward", "grpo", lambda m, f, t: grpo_args(m, t, "--rewards", "acuracy"),
+     "unknown reward(s) ['acuracy']"),
+    ("grpo-reward-raises", "grpo", lambda m, f, t: grpo_args(m, t, "--rewards", "bad_inputs_raises"),
+     "reward 'bad_inputs_raises' raised KeyError: 'answer' on completion 0"),
+    ("grpo-reward-nan", "grpo", lambda m, f, t: grpo_args(m, t, "--rewards", "bad_inputs_nan"),
+     "reward 'bad_inputs_nan' returned nan for completion 0"),
+    ("grpo-max-steps-zero", "grpo", lambda m, f, t: grpo_args(m, t, "--max_steps", "0"), "max_steps=0"),
+    ("grpo-completion-beyond-positions", "grpo", lambda m, f, t: grpo_args(m, t, "--max_completion_length", "2000"),
+     "+ max_completion_length = "),
+    ("grpo-model-typo", "grpo", lambda m, f, t: grpo_args("./no/such/model", t), "./no/such/model"),
 ]
 
 
 @pytest.mark.parametrize("name,entry,argv,expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_clear_line(name, entry, argv, expected, model_dir, files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KVTRAIN_DEBUG", "0")
-    run = kvtrain_cli if entry == "cli" else distill
+    run = {"cli": kvtrain_cli, "distill": distill, "grpo": grpo}[entry]
     code, output = run(argv(model_dir, files, tmp_path), capsys)
     assert code not in (0, None), output
     assert expected in output, output

@@ -3,6 +3,11 @@
 This is the only place where a policy is applied. `CompressedCache` calls it during decoding and
 replay calls it inside a teacher-forced forward, with the same inputs in the same order, which is what
 makes replayed logits equal step-by-step decode logits.
+
+`LayerCompressor.apply_recorded` runs an event with a keep-set a cache recorded (`EventRecord.kept`) instead of
+scoring and selecting: merging and archiving then act on the given kept set. Training on sampled rollouts uses
+it, because selecting again from the training forward's own queries and keys could flip a near-tie (batched and
+step-by-step arithmetic round differently) and, once the weights have moved, would select for another policy.
 """
 
 from __future__ import annotations
@@ -139,34 +144,16 @@ class LayerCompressor:
     ) -> tuple[StoredKV, EventRecord | None]:
         """Run one event. Returns the new stored set and what was kept (None if nothing was evicted)."""
         policy = self.policy
-        inputs = ScoreInputs(
-            keys=stored.keys,
-            values=stored.values,
-            positions=stored.positions,
-            valid=stored.valid,
-            has_history=stored.has_history,
-            queries=queries,
-            query_positions=query_positions,
-            rope_offset=rope_offset,
-            scaling=scaling,
-            layer_idx=policy.layer_idx,
-            last_event_position=last_event_position,
-            log_votes=stored.log_votes,
-            rope=self.rope,
-        )
+        inputs = self._inputs(stored, queries, query_positions, rope_offset, last_event_position, scaling)
         # Scoring and selection are discrete decisions: no gradient flows through them, while the kept
         # keys and values (gathered or merged below) stay differentiable for training.
         with torch.no_grad():
             scorer_state = _prefixed(stored.state, _SCORER_STATE)
             scores, scorer_state = self.scorer(_detached(inputs), scorer_state)
-        budget = policy.budget_at(tokens_seen)
-        over_budget = int(stored.valid.sum(dim=2).max()) > budget
-        if not over_budget:
+        if not self._over_budget(stored, tokens_seen):
             # Stateful scorers still account for the queries of this interval, and the recent tokens are
             # archived through the codecs all the same.
-            state = {**_prefix(scorer_state, _SCORER_STATE), **_pick(stored.state, _MERGE_STATE)}
-            flushed = {"key_store": stored.key_store.flush(), "value_store": stored.value_store.flush()}
-            return StoredKV(**{**stored.__dict__, **flushed, "state": state}), None
+            return _flushed(stored, scorer_state), None
         with torch.no_grad():
             protected = protected_mask(
                 stored.positions,
@@ -180,12 +167,78 @@ class LayerCompressor:
                 scores,
                 stored.valid,
                 stored.positions,
-                budget,
+                policy.budget_at(tokens_seen),
                 protected=protected,
                 mode=policy.selection,
                 safeguard=policy.safeguard,
                 spans=policy.fair_spans or None,
             )
+        return self._keep(stored, inputs, keep_idx, keep_valid, scorer_state, tokens_seen)
+
+    def apply_recorded(
+        self,
+        stored: StoredKV,
+        kept: Tensor | None,
+        seen_valid: Tensor,
+        queries: Tensor,
+        query_positions: Tensor,
+        rope_offset: Tensor,
+        tokens_seen: int,
+        last_event_position: int,
+        scaling: float,
+    ) -> tuple[StoredKV, EventRecord | None]:
+        """Run one event keeping the positions `kept` [b, h_kv, k] (`EventRecord.kept` of the cache that ran
+        this event, -1 = empty slot), or, for `kept` None (the cache evicted nothing then), keeping everything.
+
+        No scoring and no selection: merging (KeepKV) merges the entries not in `kept` into them, and the codecs
+        archive the kept set, as after a selection. The kept slots keep the recorded layout, so attention sums
+        over the same slots in the same order. `seen_valid` [b, tokens_seen] says which positions are real tokens
+        in this forward: a kept position masked out here (a row that ended before this event) becomes an empty
+        slot. The scorer's state is not carried: every later event of this layer applies a record too. Raises
+        ValueError when a kept real position is not stored, or when `kept` is None although the layer holds more
+        tokens than its budget (records of another sequence or schedule).
+        """
+        layer = self.policy.layer_idx
+        if kept is None:
+            if self._over_budget(stored, tokens_seen):
+                raise ValueError(
+                    f"layer {layer}: no recorded keep-set for the event at {tokens_seen} tokens seen, but the layer "
+                    f"holds more than its budget of {self.policy.budget_at(tokens_seen)} tokens; the records belong "
+                    "to another sequence or schedule"
+                )
+            return _flushed(stored, {}), None
+        keep_idx, keep_valid = _recorded_columns(stored, kept, seen_valid, tokens_seen, layer)
+        inputs = self._inputs(stored, queries, query_positions, rope_offset, last_event_position, scaling)
+        return self._keep(stored, inputs, keep_idx, keep_valid, {}, tokens_seen)
+
+    def _inputs(
+        self, stored: StoredKV, queries: Tensor, query_positions: Tensor, rope_offset: Tensor,
+        last_event_position: int, scaling: float,
+    ) -> ScoreInputs:
+        return ScoreInputs(
+            keys=stored.keys,
+            values=stored.values,
+            positions=stored.positions,
+            valid=stored.valid,
+            has_history=stored.has_history,
+            queries=queries,
+            query_positions=query_positions,
+            rope_offset=rope_offset,
+            scaling=scaling,
+            layer_idx=self.policy.layer_idx,
+            last_event_position=last_event_position,
+            log_votes=stored.log_votes,
+            rope=self.rope,
+        )
+
+    def _over_budget(self, stored: StoredKV, tokens_seen: int) -> bool:
+        return int(stored.valid.sum(dim=2).max()) > self.policy.budget_at(tokens_seen)
+
+    def _keep(
+        self, stored: StoredKV, inputs: ScoreInputs, keep_idx: Tensor, keep_valid: Tensor,
+        scorer_state: dict[str, Tensor], tokens_seen: int,
+    ) -> tuple[StoredKV, EventRecord]:
+        """The stored set after keeping `keep_idx` (merging the rest into it when the policy merges)."""
         if self.merger is not None:
             keys, values, log_votes, merge_state = self.merger(
                 inputs, _prefixed(stored.state, _MERGE_STATE), keep_idx, keep_valid
@@ -324,6 +377,47 @@ def _codec(pair: LowRankPair | None, bits: int | None, group_size: int) -> Codec
     if lowrank is not None and tada is not None:
         return ChainCodec(lowrank, tada)
     return lowrank or tada
+
+
+def _flushed(stored: StoredKV, scorer_state: dict[str, Tensor]) -> StoredKV:
+    """The stored set after an event that evicts nothing: recent tokens archived through the codecs."""
+    state = {**_prefix(scorer_state, _SCORER_STATE), **_pick(stored.state, _MERGE_STATE)}
+    flushed = {"key_store": stored.key_store.flush(), "value_store": stored.value_store.flush()}
+    return StoredKV(**{**stored.__dict__, **flushed, "state": state})
+
+
+def _recorded_columns(
+    stored: StoredKV, kept: Tensor, seen_valid: Tensor, tokens_seen: int, layer: int
+) -> tuple[Tensor, Tensor]:
+    """(keep_idx, keep_valid) [b, h_kv, k] of the recorded positions `kept` among the stored columns; a kept
+    position masked out in `seen_valid` [b, tokens_seen] is an empty slot, stored or not.
+
+    A position table per (row, head) maps each stored position to its column (empty slots, position -1, map to
+    a spare entry), so the lookup costs O(tokens seen) rather than comparing every kept slot with every column.
+    """
+    b, h, n = stored.positions.shape
+    if kept.dim() != 3 or kept.shape[:2] != (b, h):
+        raise ValueError(f"layer {layer}: a recorded keep-set of shape {tuple(kept.shape)} for [b={b}, h_kv={h}, k] "
+                         "stored rows and heads")
+    kept = kept.to(device=stored.positions.device, dtype=torch.long)
+    wanted = kept >= 0
+    if bool((kept >= tokens_seen).any()):
+        raise ValueError(f"layer {layer}: the recorded keep-set of the event at {tokens_seen} tokens seen names "
+                         f"position {int(kept.max())}, which had not been seen")
+    spare = tokens_seen
+    table = torch.full((b, h, tokens_seen + 1), -1, dtype=torch.long, device=kept.device)
+    slots = stored.positions.masked_fill(stored.positions < 0, spare)
+    table.scatter_(2, slots, torch.arange(n, device=kept.device).expand(b, h, n))
+    wanted &= seen_valid.to(kept.device)[:, None, :].expand(b, h, tokens_seen).gather(2, kept.clamp(min=0))
+    columns = table.gather(2, kept.masked_fill(~wanted, spare))
+    missing = wanted & (columns < 0)
+    if bool(missing.any()):
+        position = int(kept[missing][0])
+        raise ValueError(f"layer {layer}: the recorded keep-set of the event at {tokens_seen} tokens seen keeps "
+                         f"position {position}, which this layer no longer stores; the records belong to another "
+                         "sequence or schedule")
+    keep_idx = columns.masked_fill(~wanted, 0)
+    return keep_idx, wanted & stored.valid.gather(2, keep_idx)
 
 
 def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

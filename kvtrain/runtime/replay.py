@@ -5,8 +5,16 @@ forward simulates the cache's schedule on that layer's own queries, keys and val
 prefill chunk and every `interval` decode steps, each applying the *same* `LayerCompressor` to the same
 candidates and query window that the cache would hold. Queries between two events attend the keep-set of
 the earlier event plus the causal keys since it. Keep-sets are index lists (per event, row and KV head);
-no S x S mask is ever built. Gradients flow through the kept keys and values, not through selection (nor
-through KeepKV's log votes, which both attention paths treat as constants).
+no S x S mask is ever built.
+
+With `keep_sets=` (the `records` of the `CompressedCache` that sampled these very tokens) the events keep the
+recorded positions instead of selecting again (`LayerCompressor.apply_recorded`): the forward then attends
+exactly what the sampling cache attended, whatever the weights are now. That is what training on sampled
+rollouts needs (GRPO): selection recomputed from this forward's own queries could flip near-ties, and after an
+update it would select for another policy than the one that sampled.
+
+Gradients flow through the kept keys and values, not through selection (nor through KeepKV's log votes, which
+both attention paths treat as constants).
 
 The replay is bound to the model's attention modules as their route (`kvtrain.runtime.routing`), not to the
 calling thread: gradient checkpointing recomputes a layer's forward during backward (on CUDA, in autograd's
@@ -56,6 +64,7 @@ class Replay(Route):
     records: list[list[EventRecord]] = field(default_factory=list)
     sals: SalsRuntime | None = None  # set for a SALS config: its non-dense layers attend by `sals_replay_attention`
     sliding_windows: list[int | None] | None = None  # the model's per-layer windows (None: all full attention)
+    keep_sets: list[list[EventRecord]] | None = None  # per layer, recorded events to apply instead of selecting
 
     def __post_init__(self) -> None:
         self.records = [[] for _ in self.compressors]
@@ -122,21 +131,25 @@ class Replay(Route):
         )
         window = compressor.policy.query_window if compressor is not None else 0
         rope_offset = (~valid[:, : self.prefill_len]).sum(dim=1)
+        recorded = self._recorded(layer_idx, points, seq_len, query.shape[0]) if self.keep_sets is not None else None
         keysets = [KeySet.of(stored, 0)]
         records = []
         last_event = -1
         for start, end in zip([0] + points, points):
             stored = stored.append(key[:, :, start:end], value[:, :, start:end], start, valid[:, start:end])
             first_query = max(0, end - window)
-            stored, record = compressor(
-                stored,
-                query[:, :, first_query:end],
-                torch.arange(first_query, end, device=query.device),
-                rope_offset,
+            event = dict(
+                queries=query[:, :, first_query:end],
+                query_positions=torch.arange(first_query, end, device=query.device),
+                rope_offset=rope_offset,
                 tokens_seen=end,
                 last_event_position=last_event,
                 scaling=scaling,
             )
+            if recorded is None:
+                stored, record = compressor(stored, **event)
+            else:
+                stored, record = compressor.apply_recorded(stored, recorded.get(end), valid[:, :end], **event)
             last_event = end - 1
             keysets.append(KeySet.of(stored, end))
             if record is not None:
@@ -144,6 +157,27 @@ class Replay(Route):
         if self.record:
             self.records[layer_idx] = records
         return keysets
+
+    def _recorded(self, layer_idx: int, points: list[int], seq_len: int, batch: int) -> dict[int, Tensor]:
+        """The layer's recorded keep-sets by tokens seen, checked against this forward's schedule and batch.
+
+        Events at or after `seq_len` are left out: the sampled sequence may run longer than the trained one
+        (a batch is cut after its longest unmasked row)."""
+        events = {}
+        for record in self.keep_sets[layer_idx]:
+            if record.tokens_seen >= seq_len:
+                continue
+            if record.tokens_seen not in points:
+                raise ValueError(
+                    f"layer {layer_idx}: a keep-set recorded at {record.tokens_seen} tokens seen, which is not an "
+                    f"event of this forward's schedule {points} (prefill_len={self.prefill_len}, "
+                    f"interval={self.schedule.interval}); the records belong to another sequence or schedule"
+                )
+            if record.kept.shape[0] != batch:
+                raise ValueError(f"layer {layer_idx}: keep-sets recorded for {record.kept.shape[0]} rows, the "
+                                 f"forward has {batch}")
+            events[record.tokens_seen] = record.kept
+        return events
 
 
 @dataclass
@@ -187,7 +221,8 @@ def _keyset_kernel_attention(
 
 @contextlib.contextmanager
 def replay_compression(
-    model, config: KVCompressionConfig, *, prefill_len: int, record: bool = False, projections: LayerPairs | None = None
+    model, config: KVCompressionConfig, *, prefill_len: int, record: bool = False, projections: LayerPairs | None = None,
+    keep_sets: list[list[EventRecord]] | None = None,
 ) -> Iterator[Replay]:
     """Within this block, full-sequence forwards of `model` attend as the compressed cache would.
 
@@ -196,16 +231,36 @@ def replay_compression(
     the kept positions per layer and event of the latest forward when `record=True`. With gradient
     checkpointing, run the backward pass inside the block too (see the module docstring). `projections`
     (per layer key and value `LowRankPair`s) replaces the pairs of `config.lowrank.projections`: training
-    passes the projections it learns.
+    passes the projections it learns. `keep_sets` (per layer, the `EventRecord`s of the cache that sampled
+    the forward's tokens, rows in the same order: `CompressedCache.records`) makes every event keep the
+    recorded positions instead of selecting; the forward must then have the sampled sequence's prefill length.
     """
     check_supported(model.config)
     use_kvtrain_attention(model)
     compressors = build_compressors(config, model, projections=projections)
-    replay = Replay(compressors, config.schedule, prefill_len, record, sliding_windows=sliding_windows(model.config))
+    if keep_sets is not None:
+        _check_keep_sets(keep_sets, compressors, config)
+    replay = Replay(
+        compressors, config.schedule, prefill_len, record, sliding_windows=sliding_windows(model.config),
+        keep_sets=keep_sets,
+    )
     if config.sals is not None:
         replay.sals = SalsRuntime.build(config, model.config, model_rope(model))
     with routed(model, replay):
         yield replay
+
+
+def _check_keep_sets(keep_sets: list[list[EventRecord]], compressors: list[LayerCompressor | None],
+                     config: KVCompressionConfig) -> None:
+    if config.sals is not None:
+        raise ValueError("keep_sets: SALS selects tokens at every decode step, not at compression events; its replay "
+                         "has no recorded keep-sets to apply")
+    if len(keep_sets) != len(compressors):
+        raise ValueError(f"keep_sets holds {len(keep_sets)} layers, the model has {len(compressors)}")
+    for i, (records, compressor) in enumerate(zip(keep_sets, compressors)):
+        if compressor is None and records:
+            raise ValueError(f"keep_sets: layer {i} is dense in this config, but {len(records)} events were recorded "
+                             "for it")
 
 
 @contextlib.contextmanager

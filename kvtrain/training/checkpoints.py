@@ -13,24 +13,56 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import transformers.trainer as hf_trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 STAGING_PREFIX = "tmp-checkpoint"
 _COMPLETE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# Modules whose `_save_checkpoint` names the checkpoint folder from their own copy of the prefix: transformers'
+# Trainer, and TRL's GRPOTrainer (which writes its entropy-controller state into that folder).
+_PREFIX_READERS = ("transformers.trainer", "trl.trainer.grpo_trainer")
 
 
 @contextlib.contextmanager
 def staging_prefix():
-    """Make `Trainer._save_checkpoint` name its folder `tmp-checkpoint-N` (it reads this module global)."""
-    original = hf_trainer.PREFIX_CHECKPOINT_DIR
-    hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+    """Make `Trainer._save_checkpoint` name its folder `tmp-checkpoint-N` (it reads a module global)."""
+    modules = [sys.modules[name] for name in _PREFIX_READERS if name in sys.modules]
+    originals = [m.PREFIX_CHECKPOINT_DIR for m in modules]
+    for module in modules:
+        module.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
     try:
         yield
     finally:
-        hf_trainer.PREFIX_CHECKPOINT_DIR = original
+        for module, original in zip(modules, originals):
+            module.PREFIX_CHECKPOINT_DIR = original
+
+
+class AtomicCheckpoints:
+    """Trainer mixin (put it before the Trainer class): checkpoints are written as `tmp-checkpoint-N` on every
+    rank and published as `checkpoint-N` in one rename once all ranks are done. `save_extra_files(staging)`
+    adds files of its own to a checkpoint (main process only)."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        staging = staging_dir(run_dir, self.state.global_step)
+        if self.args.should_save and staging.exists():  # left by a run killed while saving this step
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        with staging_prefix():
+            super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            self.save_extra_files(staging)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(staging, final_dir(run_dir, self.state.global_step))
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def save_extra_files(self, staging: Path) -> None:
+        """Write this trainer's own files into the staging folder of a checkpoint (none by default)."""
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:

@@ -1,7 +1,7 @@
 """What a resumed run must share with the run it resumes, and which checkpoint it resumes from.
 
 Each checkpoint records the arguments that define the run (`RUN_FILE`): the compression config, the
-distillation arguments, the model and the optimisation settings. Resuming compares them with the new run's
+distillation (or GRPO task) arguments, the model and the optimisation settings. Resuming compares them with the new run's
 and refuses a change (listing each field, old and new) unless `allow_resume_changes` says to go on, in which
 case the changes are recorded in the output's metadata. What does not change what is learnt (how long to
 train, how often to log or save, where to report, the loyalty measurement) may change freely.
@@ -29,6 +29,7 @@ RUN_FILE = "kvtrain_run.json"
 # Fields that do not change what a run learns: they may differ between a run and its resumption.
 FREE_TO_CHANGE = {
     "distillation": {"resume", "allow_resume_changes", "loyalty_dataset_name", "loyalty_split", "loyalty_blocks"},
+    "task": {"resume", "allow_resume_changes", "log_naive_gap"},
     "model": set(),
     "training": {
         "output_dir", "max_steps", "num_train_epochs", "logging_steps", "logging_first_step", "logging_strategy",
@@ -39,11 +40,12 @@ FREE_TO_CHANGE = {
 }
 
 
-def run_record(distill_args, kv_config, training_args, model_args) -> dict[str, Any]:
-    """The arguments that define a run, as JSON-ready values (what `RUN_FILE` holds)."""
+def run_record(run_args, kv_config, training_args, model_args, *, section: str = "distillation") -> dict[str, Any]:
+    """The arguments that define a run, as JSON-ready values (what `RUN_FILE` holds); `run_args` are the entry
+    point's own arguments, recorded under `section` (distillation, or task for GRPO)."""
     return {
         "compression": kv_config.to_dict(),
-        "distillation": dataclasses.asdict(distill_args),
+        section: dataclasses.asdict(run_args),
         "model": dataclasses.asdict(model_args),
         "training": json.loads(training_args.to_json_string()),
     }
@@ -52,7 +54,7 @@ def run_record(distill_args, kv_config, training_args, model_args) -> dict[str, 
 def changed_fields(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``section.field: old -> new`` for every run-defining field that differs."""
     changes = []
-    for section in ("compression", "distillation", "model", "training"):
+    for section in ("compression", "distillation", "task", "model", "training"):
         old, new = recorded.get(section, {}), current.get(section, {})
         for name in sorted(set(old) | set(new)):
             if name in FREE_TO_CHANGE.get(section, set()) or old.get(name) == new.get(name):

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,22 +17,26 @@ import torch
 import transformers
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
-from kvtrain.errors import UserError
 from kvtrain.io import OutputLock
 from kvtrain.models import check_positions, load_model, model_fingerprint
-from kvtrain.models.loading import load_config
-from kvtrain.models.shape import check_window, sliding_windows
 from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
+from kvtrain.training.launch import (
+    check_output_dir,
+    check_sliding_windows,
+    check_training_length,
+    init_cpu_distributed,
+    lock_output,
+    parse_recipe_args,
+)
 from kvtrain.training.model_options import load_options
 from kvtrain.training.output import write_artifacts
 from kvtrain.training.projections import TrainableProjections
-from kvtrain.training.recipe import load_recipe
 from kvtrain.training.resume import check_resume, resolve_resume, run_record
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
 from kvtrain.training.trainer import CompressionDistillationTrainer
@@ -78,67 +79,7 @@ class LoyaltyAtTrainBegin(TrainerCallback):
 def parse_args(argv: list[str] | None = None):
     """(DistillationArguments, KVCompressionArguments, TrainingArguments, ModelConfig) from
     `--config recipe.yaml` (checked by `load_recipe`) overridden by `--field value` flags."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser(ARGUMENT_TYPES)
-    defaults: dict = {}
-    for i, arg in enumerate(args):
-        if arg == "--config" or arg.startswith("--config="):
-            path = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
-            del args[i : i + (1 if "=" in arg else 2)]
-            defaults = load_recipe(path, ARGUMENT_TYPES)
-            break
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # init_cpu_distributed made the process group: TrainingArguments must reuse it, not rebuild it
-        # (it would for DeepSpeed without a backend, i.e. as one process).
-        accelerator_config = defaults.get("accelerator_config") or {}
-        if isinstance(accelerator_config, dict):
-            defaults["accelerator_config"] = {**accelerator_config, "use_configured_state": True}
-    parser.set_defaults_with_config(**defaults)
-    distill_args, kv_args, training_args, model_args = parser.parse_args_into_dataclasses(args=args)
-    if model_args.model_name_or_path is None:
-        raise ValueError("model_name_or_path is required (in the recipe or as --model_name_or_path)")
-    return distill_args, kv_args, training_args, model_args
-
-
-def check_output_dir(path: str | Path) -> None:
-    """Fail before any model is loaded when `output_dir` cannot be created or written."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"output_dir {str(path)!r} is not writable: {err.strerror or err}") from None
-
-
-def init_cpu_distributed() -> None:
-    """On GPU-less machines launched with several processes, create the process group with gloo ourselves.
-
-    Without it, `accelerate launch --multi_gpu` starts unsynchronised single-process runs, and DeepSpeed
-    fails a batch-size assertion (TrainingArguments never passes a backend to accelerate); the Trainer
-    then reuses this state (`accelerator_config.use_configured_state`).
-    """
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # Without an accelerator, accelerate would silently train as plain multi-process DDP.
-        raise ValueError(
-            "FSDP needs GPUs (accelerate shards only on an accelerator device); on CPU launch with "
-            "configs/accelerate/cpu.yaml (DDP over gloo), zero2.yaml or zero3.yaml (DeepSpeed over gloo)"
-        )
-    from accelerate import PartialState
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    PartialState(cpu=not deepspeed, backend="gloo")
-
-
-def check_training_length(training_args: TrainingArguments) -> None:
-    """A run must train: at least one step (or, with max_steps -1, a positive number of epochs)."""
-    if training_args.max_steps == 0 or training_args.max_steps < -1:
-        raise UserError(f"max_steps={training_args.max_steps}: must be >= 1 (or -1 to train num_train_epochs)")
-    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
-        raise UserError(f"num_train_epochs={training_args.num_train_epochs} with max_steps=-1: nothing would be trained")
+    return parse_recipe_args(ARGUMENT_TYPES, argv)
 
 
 def is_zero3(trainer: CompressionDistillationTrainer) -> bool:
@@ -170,13 +111,6 @@ def check_sharding(trainer: CompressionDistillationTrainer, distill_args: Distil
             )
 
 
-def check_sliding_windows(model_args: ModelConfig, distill_args: DistillationArguments, revision: str) -> None:
-    """Refuse, before the weights load, blocks longer than a sliding-window layer's window (see `check_window`)."""
-    _, config = load_config(model_args.model_name_or_path, revision=revision)
-    for layer, window in enumerate(sliding_windows(config)):
-        check_window(window, layer, distill_args.block_len, f"{model_args.model_name_or_path} with block_len")
-
-
 @dataclass
 class Run:
     """One distillation, built and ready to train: its arguments, the trainer and what the output records."""
@@ -205,16 +139,14 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     check_output_dir(training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    lock = OutputLock(training_args.output_dir, " ".join(["train/distill.py", *(sys.argv[1:] if argv is None else argv)]))
-    for warning in lock.acquire():
-        logger.warning(warning)
+    lock = lock_output(training_args.output_dir, "train/distill.py", argv)
     transformers.set_seed(training_args.seed)
     record = run_record(distill_args, kv_config, training_args, model_args)
     resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
     resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
     options = load_options(model_args)
-    check_sliding_windows(model_args, distill_args, options["revision"])
+    check_sliding_windows(model_args, distill_args.block_len, "block_len", options["revision"])
     model, tokenizer = load_model(model_args.model_name_or_path, **options)
     check_positions(model.config, distill_args.block_len, "block_len")
     fingerprint = model_fingerprint(model.config)

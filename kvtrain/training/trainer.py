@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import torch
 from peft import PeftModel
 from torch import Tensor
 from transformers import Trainer
-from transformers.trainer_utils import rotate_checkpoints
 
 from kvtrain.config import KVCompressionConfig
 from kvtrain.errors import NonFiniteError
@@ -58,7 +56,7 @@ def causal_lm(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-class CompressionDistillationTrainer(Trainer):
+class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
     def __init__(
         self,
         *args,
@@ -237,26 +235,15 @@ class CompressionDistillationTrainer(Trainer):
         self.log({f"loyalty/{tag}/{k}": float(v) for k, v in result.items() if v is not None})
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write `tmp-checkpoint-N` on every rank, then publish it as `checkpoint-N` (see checkpoints.py)."""
-        run_dir = self._get_output_dir(trial=trial)
-        staging = checkpoints.staging_dir(run_dir, self.state.global_step)
-        if self.args.should_save and staging.exists():  # left by a run killed while saving this step
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        with checkpoints.staging_prefix():
-            super()._save_checkpoint(model, trial)
-        if self.projections is not None and self.args.should_save:
+    def save_extra_files(self, staging: Path) -> None:
+        """The trained projections, the loyalty so far and the run's arguments (for the resume check), next to
+        the Trainer's files (see AtomicCheckpoints)."""
+        if self.projections is not None:
             self.projections.save(staging / CHECKPOINT_FILE)
-        if self.loyalty and self.args.should_save:
+        if self.loyalty:
             atomic_write_text(staging / LOYALTY_FILE, json.dumps(self.loyalty, indent=1))
-        if self.run_record is not None and self.args.should_save:
+        if self.run_record is not None:
             atomic_write_text(staging / RUN_FILE, json.dumps(self.run_record, indent=1, default=str))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            checkpoints.publish(staging, checkpoints.final_dir(run_dir, self.state.global_step))
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
 
     def restore_loyalty(self, checkpoint: str | Path, tag: str) -> bool:
         """Take the loyalty `tag` recorded in `checkpoint` (and log it again); False if it holds none."""
