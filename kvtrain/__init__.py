@@ -34,7 +34,6 @@ _PUBLIC = {
     "tiny_model": "kvtrain.models",
     "tiny_tokenizer": "kvtrain.models",
     "load_artifacts": "kvtrain.artifacts.calibration",
-    "calibrate": "kvtrain.calibrate.run",
     "evaluate_loyalty": "kvtrain.eval.loyalty",
 }
 

@@ -28,7 +28,8 @@ COMMAND = "python scripts/bench_eval.py"
 
 
 def ensure_calibration(model_name: str, folder: Path) -> None:
-    from kvtrain import calibrate, load_model
+    from kvtrain import load_model
+    from kvtrain.calibrate.run import calibrate
 
     if (folder / "kv_compression" / "projections.safetensors").is_file():
         return

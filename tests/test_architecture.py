@@ -159,3 +159,10 @@ def test_importing_the_calibration_package_imports_neither_the_job_nor_the_runti
 @pytest.mark.parametrize("name", kvtrain.__all__[1:])
 def test_every_public_name_resolves(name):
     assert getattr(kvtrain, name) is not None
+
+
+def test_no_public_name_is_also_a_subpackage():
+    """`from kvtrain import X` must give the same object whatever was imported before: Python sets a subpackage as
+    an attribute of its parent once it is imported, so a public name equal to a subpackage's would change meaning."""
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")} | {p.stem for p in PACKAGE.glob("*.py")}
+    assert not sorted(set(kvtrain._PUBLIC) & subpackages)
