@@ -165,9 +165,9 @@ def test_norm_scorers_match_reference():
     assert_valid_close(value_scores, ref_norm(inputs.values.double(), 1.0), inputs)
 
 
-def test_tova_matches_reference():
+def test_tova_per_group_matches_reference():
     inputs = make_inputs(3)
-    scores, _ = build_scorer("tova")(inputs, {})
+    scores, _ = build_scorer("tova", {"heads": "group"})(inputs, {})
     assert_valid_close(scores, ref_tova(inputs), inputs)
 
 
