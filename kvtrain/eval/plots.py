@@ -35,7 +35,8 @@ def pareto(points: Sequence[dict[str, Any]], path: Path, *, title: str, quality:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     methods = list(dict.fromkeys(p["method"] for p in points))
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    palette = plt.cm.tab10 if len(methods) <= 10 else plt.cm.tab20  # no colour shared by two methods
+    colors = {m: palette(i % palette.N) for i, m in enumerate(methods)}
     for p in points:
         ax.scatter(p["fraction"], p["quality"], color=colors[p["method"]], marker=MARKERS.get(p["budget"], "D"),
                    s=70 if p["budget"] == "trained" else 40, zorder=3)
