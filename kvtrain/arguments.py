@@ -13,7 +13,7 @@ import json
 import logging
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig
 
@@ -45,11 +45,7 @@ class KVCompressionArguments:
         data = base.to_dict()
         if self.kv_scorer:
             data["scorer"] = {"name": self.kv_scorer, "params": {}}
-        for item in self.kv_param:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"kv_param {item!r}: expected KEY=VALUE")
-            data["scorer"]["params"][key] = _parse_value(value)
+        data["scorer"]["params"].update(parse_key_values(self.kv_param, "kv_param"))
         if self.kv_budget is not None:
             data["budget"], data["compression_ratio"] = self.kv_budget, None
         if self.kv_ratio is not None:
@@ -88,9 +84,16 @@ class KVCompressionArguments:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def _parse_value(text: str):
-    """Numbers, booleans, lists and null as JSON; anything else is a plain string (e.g. a path)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items of a repeatable flag (`flag` names it in the error): numbers, booleans, lists and null
+    as JSON; anything else a plain string (e.g. a path)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values

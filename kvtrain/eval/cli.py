@@ -14,21 +14,6 @@ from pathlib import Path
 SUITE_COMMANDS = ("perplexity", "retrieval", "instructions", "reasoning", "memory")
 
 
-def _options(pairs: list[str]) -> dict:
-    from kvtrain.config import ConfigError
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value  # a plain string
-    return options
-
-
 def _compression_given(args: argparse.Namespace) -> bool:
     from kvtrain.arguments import KVCompressionArguments
 
@@ -37,14 +22,14 @@ def _compression_given(args: argparse.Namespace) -> bool:
 
 
 def cmd_suite(args: argparse.Namespace) -> None:
-    from kvtrain.arguments import KVCompressionArguments
+    from kvtrain.arguments import KVCompressionArguments, parse_key_values
     from kvtrain.eval.loading import load_for_eval
     from kvtrain.eval.report import print_table
     from kvtrain.eval.suites import get_suite, quality_ratio, relative_metrics
     from kvtrain.io import atomic_write_text
 
     suite = get_suite(args.suite)
-    options = suite.parse_options(_options(args.set), "--set")
+    options = suite.parse_options(parse_key_values(args.set, "--set"), "--set")
     model, tokenizer, trained_config = load_for_eval(args.model)
     if trained_config is not None and not _compression_given(args):
         config = trained_config  # a checkpoint is evaluated under the compression it was trained for
@@ -84,12 +69,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from kvtrain.arguments import parse_key_values
     from kvtrain.eval.items import write_items
     from kvtrain.eval.suites import get_suite
     from kvtrain.models import load_model
 
     suite = get_suite(args.suite)
-    options = suite.parse_options(_options(args.set), "--set")
+    options = suite.parse_options(parse_key_values(args.set, "--set"), "--set")
     _, tokenizer = load_model(args.model)  # prompts are built in the model's chat template and token lengths
     items = suite.build_items(tokenizer, options)
     write_items(args.out, items)

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from kvtrain.arguments import parse_key_values
 
 CACHES = ("compressed", "full")
 PROMPT_FORMATS = ("chat", "plain")
@@ -42,13 +43,4 @@ class GRPOTaskArguments:
         self.task_params()  # KEY=VALUE syntax
 
     def task_params(self) -> dict[str, Any]:
-        params = {}
-        for item in self.task_param:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"task_param {item!r}: expected KEY=VALUE")
-            try:
-                params[key] = json.loads(value)
-            except json.JSONDecodeError:
-                params[key] = value
-        return params
+        return parse_key_values(self.task_param, "task_param")
