@@ -1,6 +1,7 @@
-"""Replay with recorded keep-sets (`replay_compression(..., keep_sets=cache.records)`): the forward attends exactly
-what the sampling cache kept, for every policy and composition, against the step-by-step decode, against a dense
-mask built from arbitrary keep-sets, and after the weights changed; records that do not fit are refused."""
+"""Replay with recorded keep-sets (`replay_compression(..., keep_sets=cache.records, codes=cache.codes)`): the
+forward attends exactly what the sampling cache kept, for every policy and composition, against the step-by-step
+decode, against a dense mask built from arbitrary keep-sets, and after the weights changed; quantised archives hold
+the codes the cache recorded; records that do not fit are refused."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from kvtrain.runtime.compressor import EventRecord
 from kvtrain.runtime.decode import position_ids_from_mask, teacher_forced_decode
 from kvtrain.runtime.replay import replay_compression
 from kvtrain.runtime.schedule import event_points
+from kvtrain.training.grpo.rollouts import KeepSetBatch
 from tests.test_cache_replay import PREFILL, SEQ, make_config
 
 
@@ -30,13 +32,13 @@ def tokens():
 def decode_with_records(model, config, tokens, mask=None):
     cache = CompressedCache.for_model(model, config, record=True)
     logits = teacher_forced_decode(model, cache, tokens, mask, prefill_len=PREFILL)
-    return logits, cache.records
+    return logits, cache.records, cache.codes
 
 
-def replayed(model, config, tokens, mask=None, keep_sets=None, record=False):
+def replayed(model, config, tokens, mask=None, keep_sets=None, record=False, codes=None):
     mask = torch.ones_like(tokens) if mask is None else mask
     with torch.no_grad(), replay_compression(model, config, prefill_len=PREFILL, keep_sets=keep_sets,
-                                             record=record) as replay:
+                                             record=record, codes=codes) as replay:
         logits = model(input_ids=tokens, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     return logits, replay.records
 
@@ -53,8 +55,8 @@ CASES = [
 @pytest.mark.parametrize("scorer,overrides", CASES, ids=[f"{s}-{'-'.join(o) or 'default'}" for s, o in CASES])
 def test_recorded_keep_sets_reproduce_decode(llama, tokens, scorer, overrides):
     config = make_config(scorer, **overrides)
-    decoded, records = decode_with_records(llama, config, tokens)
-    logits, replay_records = replayed(llama, config, tokens, keep_sets=records, record=True)
+    decoded, records, codes = decode_with_records(llama, config, tokens)
+    logits, replay_records = replayed(llama, config, tokens, keep_sets=records, record=True, codes=codes)
     assert (decoded - logits).abs().max().item() <= 1e-4
     assert all(len(layer) >= 3 for layer in records)  # prefill and decode-time events really evicted
     for cache_layer, replay_layer in zip(records, replay_records):
@@ -127,12 +129,12 @@ def test_after_a_weight_change_the_recorded_sets_still_rule(tokens):
     """Selection recomputed with moved weights keeps other positions; the recorded keep-sets do not move."""
     model = tiny_model("llama", num_layers=2, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=97, seed=0)
     config = make_config("gkv")
-    _, records = decode_with_records(model, config, tokens)
+    _, records, _ = decode_with_records(model, config, tokens)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "k_proj" in name or "q_proj" in name:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
-    decoded_moved, _ = decode_with_records(model, config, tokens)  # the moved model's own sampling cache
+    decoded_moved, *_ = decode_with_records(model, config, tokens)  # the moved model's own sampling cache
     _, reselected = replayed(model, config, tokens, record=True)
     forced, forced_records = replayed(model, config, tokens, keep_sets=records, record=True)
     assert any(not torch.equal(a.kept, b.kept) for la, lb in zip(records, reselected) for a, b in zip(la, lb))
@@ -144,7 +146,7 @@ def test_after_a_weight_change_the_recorded_sets_still_rule(tokens):
 def test_a_row_masked_after_its_end_keeps_its_slots_empty(llama, tokens):
     """A row whose tail is masked out in training (tokens after its EOS) replays its recorded sets up to there."""
     config = make_config("gkv")
-    decoded, records = decode_with_records(llama, config, tokens)
+    decoded, records, _ = decode_with_records(llama, config, tokens)
     mask = torch.ones_like(tokens)
     mask[1, PREFILL + 12 :] = 0
     logits, _ = replayed(llama, config, tokens, mask=mask, keep_sets=records)
@@ -154,7 +156,7 @@ def test_a_row_masked_after_its_end_keeps_its_slots_empty(llama, tokens):
 
 def test_shorter_forward_ignores_later_events(llama, tokens):
     config = make_config("gkv")
-    decoded, records = decode_with_records(llama, config, tokens)
+    decoded, records, _ = decode_with_records(llama, config, tokens)
     cut = PREFILL + 20
     logits, _ = replayed(llama, config, tokens[:, :cut], keep_sets=records)
     assert (decoded[:, :cut] - logits).abs().max().item() <= 1e-4
@@ -201,7 +203,43 @@ def test_wrong_rows_layers_and_dense_layers_are_refused(llama, tokens):
 def test_keep_sets_apply_under_the_keyset_kernel(llama, tokens, monkeypatch):
     """The Triton keyset kernel (under the interpreter on CPU, see tests/conftest.py) attends the recorded sets."""
     config = make_config("gkv")
-    decoded, records = decode_with_records(llama, config, tokens)
+    decoded, records, _ = decode_with_records(llama, config, tokens)
     monkeypatch.setenv("KVTRAIN_KERNELS", "triton")
     logits, _ = replayed(llama, config, tokens, keep_sets=records)
     assert (decoded - logits).abs().max().item() <= 1e-4
+
+
+QUANTISED = dict(quant=QuantConfig(key_bits=2, value_bits=2, group_size=16), selection="per_layer")
+
+
+def test_the_quantised_archive_holds_the_recorded_codes(llama, tokens):
+    """Replay archives the cache's own codes: with them it equals decode; with other codes of the same shape it does
+    not (so the codes, not a re-quantisation of this forward's values, are what it attends). They cover every
+    position up to the last event, and travel with rows through `KeepSetBatch` like the keep-sets."""
+    config = make_config("gkv", **QUANTISED)
+    decoded, records, codes = decode_with_records(llama, config, tokens)
+    last_event = event_points(config.schedule, PREFILL, SEQ)[-1]
+    assert all(sorted(layer) == ["keys", "values"] for layer in codes)
+    assert all(t.shape[2] == last_event for layer in codes for side in layer.values() for t in side.values())
+    logits, _ = replayed(llama, config, tokens, keep_sets=records, codes=codes)
+    assert (decoded - logits).abs().max().item() <= 1e-4
+    other = [{side: {**encoded, "codes": encoded["codes"] ^ 0x55} for side, encoded in layer.items()} for layer in codes]
+    moved, _ = replayed(llama, config, tokens, keep_sets=records, codes=other)
+    assert (decoded - moved)[:, PREFILL:].abs().max().item() > 1e-3
+    row = KeepSetBatch.from_fields(KeepSetBatch.from_records(records, 2, codes).fields()).slice(1, 2)
+    alone, _ = replayed(llama, config, tokens[1:], keep_sets=row.records(), codes=row.layer_codes())
+    assert (decoded[1:] - alone).abs().max().item() <= 1e-4
+
+
+def test_recorded_keep_sets_of_a_quantised_cache_need_its_codes(llama, tokens):
+    config = make_config("gkv", **QUANTISED)
+    _, records, codes = decode_with_records(llama, config, tokens)
+    with pytest.raises(ValueError, match=r"layer 0: the config quantises \['keys', 'values'\] and codes were given "
+                                         r"for nothing"):
+        replayed(llama, config, tokens, keep_sets=records)
+    with pytest.raises(ValueError, match="codes without keep_sets"):
+        replayed(llama, config, tokens, codes=codes)
+    short = [{side: {name: t[:, :, :PREFILL] for name, t in encoded.items()} for side, encoded in layer.items()}
+             for layer in codes]
+    with pytest.raises(ValueError, match=rf"layer 0: keys codes recorded for {PREFILL} positions, but an event at"):
+        replayed(llama, config, tokens, keep_sets=records, codes=short)

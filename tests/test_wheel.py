@@ -1,14 +1,18 @@
 """kvtrain installed as a wheel (not editable) runs its quickstart from a directory outside the checkout: every
 file the package reads at run time (the quickstart's recipe above all) ships as package data.
 
-The venv reuses the installed dependencies (`--system-site-packages`) so that the test costs minutes, not a
-download of torch; the wheel's own `kvtrain` shadows the editable checkout, which the test checks first."""
+The venv reuses the dependencies of the environment running the tests (a `.pth` file naming its site-packages
+folders), so that the test costs minutes, not a download of torch, and needs nothing but what `.ci/run` installed:
+not `--system-site-packages`, which would reach the *base* interpreter's packages, empty on a fresh machine. Those
+folders' own `.pth` files are not run, so the checkout's editable install stays out of the wheel's venv; the wheel's
+`kvtrain` is the one imported, which the test checks first."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -32,10 +36,20 @@ def wheel_venv(tmp_path_factory) -> Path:
                     str(work / "dist"), str(source)], check=True)
     (wheel,) = (work / "dist").glob("kvtrain-*.whl")
     env_dir = work / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, with_pip=True)
     subprocess.run([env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True)
+    # After the install, so that pip never sees (nor offers to replace) the checkout's editable kvtrain.
+    (site_packages,) = (env_dir / "lib").glob("python*/site-packages")
+    (site_packages / "tests-environment.pth").write_text("\n".join(_site_packages_of_this_process()) + "\n")
     return env_dir
+
+
+def _site_packages_of_this_process() -> list[str]:
+    """The site-packages folders the running interpreter imports from (its venv's, and the base's where that venv
+    sees them): exactly the dependencies the tests themselves use."""
+    folders = [*site.getsitepackages(), site.getusersitepackages()] if site.ENABLE_USER_SITE else site.getsitepackages()
+    return [f for f in dict.fromkeys(folders) if f in sys.path and Path(f).is_dir()]
 
 
 def test_the_wheel_ships_the_recipes_and_shadows_the_checkout(wheel_venv, tmp_path):

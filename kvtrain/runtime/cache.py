@@ -23,10 +23,12 @@ from kvtrain.runtime.attention import attend_with_stored, key_validity
 from kvtrain.runtime.compressor import (
     EventRecord,
     LayerCodecs,
+    LayerCodes,
     LayerCompressor,
     LayerPairs,
     StoredKV,
     build_compressors,
+    discrete_sides,
 )
 from kvtrain.runtime.layer import AttendingLayer
 from kvtrain.runtime.routing import attention_modules, use_kvtrain_attention
@@ -60,6 +62,7 @@ class CompressedLayer(AttendingLayer):
         self.queries: Tensor | None = None  # rolling window of the last post-RoPE queries [b, h_q, w, d]
         self.rope_offset: Tensor | None = None  # left-pad count per row
         self._pending: tuple[Tensor, Tensor] | None = None
+        self._code_blocks: dict[str, list] = {}  # record=True: per discrete side, each event's fresh encodings
 
     # ------------------------------------------------------------------ CacheLayerMixin API
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -144,7 +147,19 @@ class CompressedLayer(AttendingLayer):
                 )
             if record is not None and self.record:
                 self.records.append(record)
+            if self.record:
+                for side in discrete_sides(self.compressor.codecs):
+                    self._code_blocks.setdefault(side, []).append(self.stored.store(side).fresh)
         self._sync()
+
+    @property
+    def codes(self) -> LayerCodes | None:
+        """Per side with a discrete codec, everything it encoded, positions 0.. in order (record=True): what a
+        replay of this layer needs to archive exactly the values this cache attended. None without such a side."""
+        if not self._code_blocks:
+            return None
+        return {side: {name: torch.cat([block[name] for block in blocks], dim=2) for name in blocks[0]}
+                for side, blocks in self._code_blocks.items()}
 
     def _sync(self) -> None:
         # transformers reads `keys`/`values` only for offloading and bookkeeping; the stores are the truth.
@@ -205,6 +220,12 @@ class CompressedCache(Cache):
     def records(self) -> list[list[EventRecord]]:
         """Per layer, the kept positions after each compression event (when built with record=True)."""
         return [layer.records for layer in self.layers]
+
+    @property
+    def codes(self) -> list[LayerCodes | None]:
+        """Per layer, what its discrete codecs (TaDA) encoded (when built with record=True): replay with these and
+        the `records` archives the very values this cache attended (`replay_compression(..., codes=...)`)."""
+        return [layer.codes if isinstance(layer, CompressedLayer) else None for layer in self.layers]
 
     def stored_tokens(self) -> list[Tensor]:
         """Per layer, the number of valid stored tokens per (row, KV head): [b, h_kv] each."""

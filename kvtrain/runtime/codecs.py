@@ -1,6 +1,11 @@
 """How archived tokens are encoded: low-rank coefficients (`LowRankCodec`), TaDA-packed deviations (`TadaCodec`),
 or both (`ChainCodec`). A codec's `roundtrip` is what replay uses instead of the encoded form: the same values,
-with a straight-through gradient where encoding is not differentiable."""
+with a straight-through gradient where encoding is not differentiable.
+
+A *discrete* codec (TaDA codes) rounds: two computations of the same tokens that differ in their last bits (a
+step-by-step decode and a batched training forward) can land on different codes, one quantisation step apart. So
+a cache that records for training keeps what it encoded, and replay decodes that (`replay_from`) instead of
+encoding its own values again: the values attended are then the sampler's, whatever the arithmetic."""
 
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ class Codec(ABC):
 
     # Encoded tensors whose head axis has size 1 (shared by all heads): gathering them needs one index set.
     shared_across_heads: frozenset[str] = frozenset()
+    # Whether encoding rounds to codes (see the module docstring); a continuous codec's encodings of two nearly
+    # equal inputs are nearly equal, so replay can encode its own values.
+    discrete: bool = False
 
     @abstractmethod
     def encode(self, x: Tensor) -> Encoded: ...
@@ -32,6 +40,11 @@ class Codec(ABC):
     def roundtrip(self, x: Tensor) -> Tensor:
         """decode(encode(x)) with the gradient of the identity where encoding is not differentiable."""
         return self.decode(self.encode(x), x.dtype)
+
+    def replay_from(self, x: Tensor, encoded: Encoded) -> Tensor:
+        """The values a cache held for the tokens `x` (`encoded`, what it encoded from its own computation of them),
+        with `roundtrip`'s gradient with respect to `x`. Only discrete codecs record encodings."""
+        raise TypeError(f"{type(self).__name__} is continuous: replay encodes its own values (roundtrip)")
 
 
 @dataclass
@@ -55,6 +68,7 @@ class TadaCodec(Codec):
     bits: int
     group_size: int
     shared_across_heads = frozenset({"mean"})
+    discrete = True
 
     def encode(self, x: Tensor) -> Encoded:
         t = tada_quantize(x, self.bits, self.group_size)
@@ -68,6 +82,9 @@ class TadaCodec(Codec):
     def roundtrip(self, x: Tensor) -> Tensor:
         return x + (super().roundtrip(x.detach()) - x).detach()
 
+    def replay_from(self, x: Tensor, encoded: Encoded) -> Tensor:
+        return x + (self.decode(encoded, x.dtype) - x).detach()
+
 
 @dataclass
 class ChainCodec(Codec):
@@ -80,6 +97,10 @@ class ChainCodec(Codec):
     def shared_across_heads(self) -> frozenset[str]:
         return self.outer.shared_across_heads
 
+    @property
+    def discrete(self) -> bool:
+        return self.outer.discrete
+
     def encode(self, x: Tensor) -> Encoded:
         return self.outer.encode(self.inner.encode(x)["coef"])
 
@@ -89,3 +110,7 @@ class ChainCodec(Codec):
     def roundtrip(self, x: Tensor) -> Tensor:
         coef = self.inner.encode(x)["coef"]
         return self.inner.decode({"coef": self.outer.roundtrip(coef)}, x.dtype)
+
+    def replay_from(self, x: Tensor, encoded: Encoded) -> Tensor:
+        coef = self.inner.encode(x)["coef"]
+        return self.inner.decode({"coef": self.outer.replay_from(coef, encoded)}, x.dtype)

@@ -7,7 +7,8 @@ makes replayed logits equal step-by-step decode logits.
 `LayerCompressor.apply_recorded` runs an event with a keep-set a cache recorded (`EventRecord.kept`) instead of
 scoring and selecting: merging and archiving then act on the given kept set. Training on sampled rollouts uses
 it, because selecting again from the training forward's own queries and keys could flip a near-tie (batched and
-step-by-step arithmetic round differently) and, once the weights have moved, would select for another policy.
+step-by-step arithmetic round differently) and, once the weights have moved, would select for another policy. For
+the same reason it archives with the codes the cache recorded (`LayerCodes`) where a codec rounds (TaDA).
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ from kvtrain.policies import ScoreInputs, build_scorer
 from kvtrain.policies.keepkv import KeepKVMerger
 from kvtrain.policies.select import protected_mask, select
 from kvtrain.runtime.binding import check_codec_dims, check_config_for_model
-from kvtrain.runtime.codecs import ChainCodec, Codec, LowRankCodec, TadaCodec
+from kvtrain.runtime.codecs import ChainCodec, Codec, Encoded, LowRankCodec, TadaCodec
 from kvtrain.runtime.storage import TokenStore
 
 _SCORER_STATE = "scorer."
 _MERGE_STATE = "merge."
+SIDES = ("keys", "values")
+
+# Per side ("keys", "values"), what a recording cache's discrete codec encoded: one `Encoded` whose token axis runs
+# over the positions archived so far, in order (every token is encoded once, at the first event after it arrived).
+LayerCodes = dict[str, Encoded]
 
 
 @dataclass
@@ -75,6 +81,9 @@ class StoredKV:
     def nbytes(self) -> int:
         return self.key_store.nbytes + self.value_store.nbytes
 
+    def store(self, side: str) -> TokenStore:
+        return self.key_store if side == "keys" else self.value_store
+
     def append(self, keys: Tensor, values: Tensor, first_position: int, valid: Tensor) -> "StoredKV":
         """Add new tokens (positions first_position..) after the stored ones; `valid` is [b, q]."""
         b, h, q, _ = keys.shape
@@ -114,6 +123,11 @@ class EventRecord:
 
     tokens_seen: int
     kept: Tensor
+
+
+def discrete_sides(codecs: LayerCodecs) -> list[str]:
+    """The sides whose codec rounds to codes: a recording cache keeps their encodings for exact replay."""
+    return [side for side, codec in zip(SIDES, (codecs.keys, codecs.values)) if codec is not None and codec.discrete]
 
 
 class LayerCompressor:
@@ -186,9 +200,11 @@ class LayerCompressor:
         tokens_seen: int,
         last_event_position: int,
         scaling: float,
+        codes: LayerCodes | None = None,
     ) -> tuple[StoredKV, EventRecord | None]:
         """Run one event keeping the positions `kept` [b, h_kv, k] (`EventRecord.kept` of the cache that ran
         this event, -1 = empty slot), or, for `kept` None (the cache evicted nothing then), keeping everything.
+        `codes`: per discrete side, the cache's encodings of the tokens this event archives (its recent ones).
 
         No scoring and no selection: merging (KeepKV) merges the entries not in `kept` into them, and the codecs
         archive the kept set, as after a selection. The kept slots keep the recorded layout, so attention sums
@@ -206,10 +222,10 @@ class LayerCompressor:
                     f"holds more than its budget of {self.policy.budget_at(tokens_seen)} tokens; the records belong "
                     "to another sequence or schedule"
                 )
-            return _flushed(stored, {}), None
+            return _flushed(stored, {}, codes), None
         keep_idx, keep_valid = _recorded_columns(stored, kept, seen_valid, tokens_seen, layer)
         inputs = self._inputs(stored, queries, query_positions, rope_offset, last_event_position, scaling)
-        return self._keep(stored, inputs, keep_idx, keep_valid, {}, tokens_seen)
+        return self._keep(stored, inputs, keep_idx, keep_valid, {}, tokens_seen, codes)
 
     def _inputs(
         self, stored: StoredKV, queries: Tensor, query_positions: Tensor, rope_offset: Tensor,
@@ -236,16 +252,18 @@ class LayerCompressor:
 
     def _keep(
         self, stored: StoredKV, inputs: ScoreInputs, keep_idx: Tensor, keep_valid: Tensor,
-        scorer_state: dict[str, Tensor], tokens_seen: int,
+        scorer_state: dict[str, Tensor], tokens_seen: int, codes: LayerCodes | None = None,
     ) -> tuple[StoredKV, EventRecord]:
-        """The stored set after keeping `keep_idx` (merging the rest into it when the policy merges)."""
+        """The stored set after keeping `keep_idx` (merging the rest into it when the policy merges); `codes` as
+        in `apply_recorded`."""
         if self.merger is not None:
             keys, values, log_votes, merge_state = self.merger(
                 inputs, _prefixed(stored.state, _MERGE_STATE), keep_idx, keep_valid
             )
             key_store, value_store = TokenStore(keys), TokenStore(values)
         else:
-            key_store, value_store = stored.key_store.gather(keep_idx), stored.value_store.gather(keep_idx)
+            codes = codes or {}
+            key_store, value_store = (stored.store(side).gather(keep_idx, codes.get(side)) for side in SIDES)
             log_votes, merge_state = None, {}
         positions = torch.gather(stored.positions, 2, keep_idx).masked_fill(~keep_valid, -1)
         state = {
@@ -379,10 +397,13 @@ def _codec(pair: LowRankPair | None, bits: int | None, group_size: int) -> Codec
     return lowrank or tada
 
 
-def _flushed(stored: StoredKV, scorer_state: dict[str, Tensor]) -> StoredKV:
-    """The stored set after an event that evicts nothing: recent tokens archived through the codecs."""
+def _flushed(stored: StoredKV, scorer_state: dict[str, Tensor], codes: LayerCodes | None = None) -> StoredKV:
+    """The stored set after an event that evicts nothing: recent tokens archived through the codecs (`codes` as in
+    `LayerCompressor.apply_recorded`)."""
     state = {**_prefix(scorer_state, _SCORER_STATE), **_pick(stored.state, _MERGE_STATE)}
-    flushed = {"key_store": stored.key_store.flush(), "value_store": stored.value_store.flush()}
+    codes = codes or {}
+    flushed = {"key_store": stored.key_store.flush(codes.get("keys")),
+               "value_store": stored.value_store.flush(codes.get("values"))}
     return StoredKV(**{**stored.__dict__, **flushed, "state": state})
 
 

@@ -11,7 +11,9 @@ With `keep_sets=` (the `records` of the `CompressedCache` that sampled these ver
 recorded positions instead of selecting again (`LayerCompressor.apply_recorded`): the forward then attends
 exactly what the sampling cache attended, whatever the weights are now. That is what training on sampled
 rollouts needs (GRPO): selection recomputed from this forward's own queries could flip near-ties, and after an
-update it would select for another policy than the one that sampled.
+update it would select for another policy than the one that sampled. Quantisation codes could flip the same way, so
+where a codec rounds (TaDA) the replay also takes the cache's `codes` and archives those values (straight-through
+gradient to this forward's own keys and values).
 
 Gradients flow through the kept keys and values, not through selection (nor through KeepKV's log votes, which
 both attention paths treat as constants).
@@ -40,12 +42,15 @@ from kvtrain.models.rope import model_rope
 from kvtrain.models.shape import check_supported, check_window, sliding_windows
 from kvtrain.runtime.attention import attend_with_stored, key_validity
 from kvtrain.runtime.compressor import (
+    SIDES,
     EventRecord,
     LayerCodecs,
+    LayerCodes,
     LayerCompressor,
     LayerPairs,
     StoredKV,
     build_compressors,
+    discrete_sides,
 )
 from kvtrain.runtime.routing import Route, routed, use_kvtrain_attention
 from kvtrain.runtime.sals.replay import sals_replay_attention
@@ -65,6 +70,7 @@ class Replay(Route):
     sals: SalsRuntime | None = None  # set for a SALS config: its non-dense layers attend by `sals_replay_attention`
     sliding_windows: list[int | None] | None = None  # the model's per-layer windows (None: all full attention)
     keep_sets: list[list[EventRecord]] | None = None  # per layer, recorded events to apply instead of selecting
+    codes: list[LayerCodes | None] | None = None  # per layer, the recording cache's codes (with keep_sets)
 
     def __post_init__(self) -> None:
         self.records = [[] for _ in self.compressors]
@@ -149,7 +155,8 @@ class Replay(Route):
             if recorded is None:
                 stored, record = compressor(stored, **event)
             else:
-                stored, record = compressor.apply_recorded(stored, recorded.get(end), valid[:, :end], **event)
+                stored, record = compressor.apply_recorded(stored, recorded.get(end), valid[:, :end],
+                                                           codes=self._codes_between(layer_idx, start, end), **event)
             last_event = end - 1
             keysets.append(KeySet.of(stored, end))
             if record is not None:
@@ -157,6 +164,21 @@ class Replay(Route):
         if self.record:
             self.records[layer_idx] = records
         return keysets
+
+    def _codes_between(self, layer_idx: int, start: int, end: int) -> LayerCodes | None:
+        """The recorded codes of positions start..end-1 (the tokens an event at `end` archives), per side."""
+        layer_codes = self.codes[layer_idx] if self.codes is not None else None
+        if layer_codes is None:
+            return None
+        block = {}
+        for side, encoded in layer_codes.items():
+            recorded = next(iter(encoded.values())).shape[2]
+            if recorded < end:
+                raise ValueError(f"layer {layer_idx}: {side} codes recorded for {recorded} positions, but an event at "
+                                 f"{end} tokens seen archives positions {start}..{end - 1}; the codes belong to "
+                                 "another sequence or schedule")
+            block[side] = {name: t[:, :, start:end] for name, t in encoded.items()}
+        return block
 
     def _recorded(self, layer_idx: int, points: list[int], seq_len: int, batch: int) -> dict[int, Tensor]:
         """The layer's recorded keep-sets by tokens seen, checked against this forward's schedule and batch.
@@ -222,7 +244,7 @@ def _keyset_kernel_attention(
 @contextlib.contextmanager
 def replay_compression(
     model, config: KVCompressionConfig, *, prefill_len: int, record: bool = False, projections: LayerPairs | None = None,
-    keep_sets: list[list[EventRecord]] | None = None,
+    keep_sets: list[list[EventRecord]] | None = None, codes: list[LayerCodes | None] | None = None,
 ) -> Iterator[Replay]:
     """Within this block, full-sequence forwards of `model` attend as the compressed cache would.
 
@@ -234,15 +256,20 @@ def replay_compression(
     passes the projections it learns. `keep_sets` (per layer, the `EventRecord`s of the cache that sampled
     the forward's tokens, rows in the same order: `CompressedCache.records`) makes every event keep the
     recorded positions instead of selecting; the forward must then have the sampled sequence's prefill length.
+    `codes` (that cache's `codes`) is required with `keep_sets` when a codec rounds (TaDA): the events then archive
+    the values the cache encoded instead of encoding this forward's own, whose codes could differ by one step.
     """
     check_supported(model.config)
     use_kvtrain_attention(model)
     compressors = build_compressors(config, model, projections=projections)
     if keep_sets is not None:
         _check_keep_sets(keep_sets, compressors, config)
+        _check_codes(codes, compressors)
+    elif codes is not None:
+        raise ValueError("codes without keep_sets: recorded codes belong to the recorded keep-sets of the same cache")
     replay = Replay(
         compressors, config.schedule, prefill_len, record, sliding_windows=sliding_windows(model.config),
-        keep_sets=keep_sets,
+        keep_sets=keep_sets, codes=codes,
     )
     if config.sals is not None:
         replay.sals = SalsRuntime.build(config, model.config, model_rope(model))
@@ -261,6 +288,20 @@ def _check_keep_sets(keep_sets: list[list[EventRecord]], compressors: list[Layer
         if compressor is None and records:
             raise ValueError(f"keep_sets: layer {i} is dense in this config, but {len(records)} events were recorded "
                              "for it")
+
+
+def _check_codes(codes: list[LayerCodes | None] | None, compressors: list[LayerCompressor | None]) -> None:
+    if codes is not None and len(codes) != len(compressors):
+        raise ValueError(f"codes holds {len(codes)} layers, the model has {len(compressors)}")
+    for i, compressor in enumerate(compressors):
+        needed = discrete_sides(compressor.codecs) if compressor is not None else []
+        held = sorted(codes[i]) if codes is not None and codes[i] is not None else []
+        if needed != [side for side in SIDES if side in held]:
+            raise ValueError(
+                f"layer {i}: the config quantises {needed or 'nothing'} and codes were given for {held or 'nothing'}: "
+                "replaying recorded keep-sets exactly needs the codes the sampling cache recorded for every "
+                "quantised side (codes=cache.codes), since re-quantising this forward's values can flip codes"
+            )
 
 
 @contextlib.contextmanager

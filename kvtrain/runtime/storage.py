@@ -7,7 +7,8 @@ are the TaDA residual buffer; its length is bounded by the compression interval.
 
 Replay keeps the archive as *round-tripped* full tensors instead of encoded ones (`straight_through`),
 with the same values, so gradients pass through quantisation (straight-through estimator) and through
-low-rank projections (which are linear).
+low-rank projections (which are linear). Given the encodings a cache made of the same tokens (`recorded`,
+read from the cache's `fresh`), replay decodes those instead of encoding again (`Codec.replay_from`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TokenStore:
     codec: Codec | None = None
     archive: Encoded | None = None
     straight_through: bool = False
+    fresh: Encoded | None = None  # what the archiving that made this store encoded (its recent tokens then)
 
     @property
     def length(self) -> int:
@@ -73,21 +75,31 @@ class TokenStore:
     def append(self, x: Tensor) -> "TokenStore":
         return TokenStore(torch.cat([self.recent, x], dim=2), self.codec, self.archive, self.straight_through)
 
-    def _all_encoded(self) -> Encoded:
-        """Archive and recent tokens together, the recent ones encoded now."""
-        if self.straight_through:
-            fresh = {"x": self.codec.roundtrip(self.recent)}
-        else:
+    def _encode_recent(self, recorded: Encoded | None) -> tuple[Encoded, Encoded | None]:
+        """(what the archive gains for the recent tokens, their encoding when one was made now)."""
+        if not self.straight_through:
             fresh = self.codec.encode(self.recent)
-        if self.archive is None:
-            return fresh
-        return {name: torch.cat([self.archive[name], fresh[name]], dim=2) for name in fresh}
+            return fresh, fresh
+        if recorded is None:
+            return {"x": self.codec.roundtrip(self.recent)}, None
+        counts = {t.shape[2] for t in recorded.values()}
+        if counts != {self.recent.shape[2]}:
+            raise ValueError(f"recorded encodings of {sorted(counts)} tokens for {self.recent.shape[2]} recent tokens")
+        return {"x": self.codec.replay_from(self.recent, recorded)}, None
 
-    def gather(self, idx: Tensor) -> "TokenStore":
-        """Keep tokens `idx` [b, h, k] (positions along dim 2); the survivors are archived through the codec."""
+    def _all_encoded(self, recorded: Encoded | None) -> tuple[Encoded, Encoded | None]:
+        """Archive and recent tokens together, the recent ones encoded now (or decoded from `recorded`)."""
+        added, fresh = self._encode_recent(recorded)
+        if self.archive is None:
+            return added, fresh
+        return {name: torch.cat([self.archive[name], added[name]], dim=2) for name in added}, fresh
+
+    def gather(self, idx: Tensor, recorded: Encoded | None = None) -> "TokenStore":
+        """Keep tokens `idx` [b, h, k] (positions along dim 2); the survivors are archived through the codec.
+        `recorded` (replay only): a cache's encodings of the recent tokens, used instead of encoding them."""
         if self.codec is None:
             return TokenStore(_gather(self.recent, idx))
-        encoded = self._all_encoded()
+        encoded, fresh = self._all_encoded(recorded)
         shared = set() if self.straight_through else self.codec.shared_across_heads
         if shared and not bool((idx == idx[:, :1]).all()):
             raise ValueError(
@@ -95,13 +107,14 @@ class TokenStore:
                 "every head: use selection 'per_layer' with quantisation"
             )
         archive = {name: _gather(t, idx[:, :1] if name in shared else idx) for name, t in encoded.items()}
-        return TokenStore(self.recent[:, :, :0], self.codec, archive, self.straight_through)
+        return TokenStore(self.recent[:, :, :0], self.codec, archive, self.straight_through, fresh)
 
-    def flush(self) -> "TokenStore":
+    def flush(self, recorded: Encoded | None = None) -> "TokenStore":
         """Archive the recent tokens without evicting any (a compression event under budget)."""
         if self.codec is None or self.recent.shape[2] == 0:
             return self
-        return TokenStore(self.recent[:, :, :0], self.codec, self._all_encoded(), self.straight_through)
+        encoded, fresh = self._all_encoded(recorded)
+        return TokenStore(self.recent[:, :, :0], self.codec, encoded, self.straight_through, fresh)
 
     @property
     def nbytes(self) -> int:

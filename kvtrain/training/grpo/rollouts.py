@@ -3,16 +3,17 @@
 During GRPO's generation step `recording_generate` makes the policy's `generate` sample through a
 `CompressedCache(record=True)` (or a plain cache for full-cache rollouts) and note, per generated token, the
 log-probability the sampler gave it. The cache's records (per layer, the kept positions of each compression
-event, [rows, KV heads, k]) become `KeepSetBatch` tensors whose first dimension is the row, so they travel with
-the batch through TRL's shuffling and splitting (`shuffle_sequence_dict`, `split_tensor_dict`) and come back,
-for any subset of rows, as the `records` that `replay_compression(..., keep_sets=...)` applies.
+event, [rows, KV heads, k]) and, where a codec quantises, its codes become `KeepSetBatch` tensors whose first
+dimension is the row, so they travel with the batch through TRL's shuffling and splitting (`shuffle_sequence_dict`,
+`split_tensor_dict`) and come back, for any subset of rows, as the `records` and `codes` that
+`replay_compression(..., keep_sets=..., codes=...)` applies.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,13 +21,14 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from kvtrain.config import KVCompressionConfig
 from kvtrain.runtime.cache import CompressedCache
-from kvtrain.runtime.compressor import EventRecord
+from kvtrain.runtime.compressor import EventRecord, LayerCodes
 
 # Batch keys (the dict TRL passes from generation to the loss).
 KEPT = "kv_kept"  # [N, L, E, H, K] int32: kept positions of event e of layer l (-1: empty slot or padding)
 EVENT_SEEN = "kv_event_seen"  # [N, L, E] int32: tokens seen at that event (-1: no event in this slot)
 EVENT_WIDTH = "kv_event_width"  # [N, L, E] int32: slots the cache held after that event (the record's k)
 POLICY_STEP = "kv_policy_step"  # [N] long: optimizer steps taken when the row was sampled
+CODES = "kv_codes"  # CODES.<layer>.<side>.<name> [N, h, T, w]: a quantised side's encodings of positions 0..T-1
 
 
 class SampledLogProbs(LogitsProcessor):
@@ -61,10 +63,11 @@ class SampledLogProbs(LogitsProcessor):
 @dataclass
 class Rollout:
     """One `generate` call: the sampler's log-probabilities [N, C] of the C generated tokens of each row, and the
-    cache's records (None for full-cache rollouts)."""
+    cache's records and codes (None for full-cache rollouts)."""
 
     logprobs: Tensor
     records: list[list[EventRecord]] | None
+    codes: list[LayerCodes | None] | None = None
 
 
 @contextlib.contextmanager
@@ -91,7 +94,7 @@ def recording_generate(model, causal_lm, kv_config: KVCompressionConfig | None, 
         if not isinstance(sequences, Tensor):
             raise ValueError("recording_generate needs generate to return the token ids (return_dict_in_generate=False)")
         logprobs = recorder.finish(sequences, sequences.shape[1] - prompt_len)
-        rollouts.append(Rollout(logprobs, cache.records if cache is not None else None))
+        rollouts.append(Rollout(logprobs, *((cache.records, cache.codes) if cache is not None else (None, None))))
         return sequences
 
     model.generate = generate
@@ -106,14 +109,16 @@ def recording_generate(model, causal_lm, kv_config: KVCompressionConfig | None, 
 
 @dataclass
 class KeepSetBatch:
-    """The recorded keep-sets of N rows as tensors with the row first (see the batch keys above)."""
+    """The recorded keep-sets (and codes) of N rows as tensors with the row first (see the batch keys above)."""
 
     kept: Tensor
     seen: Tensor
     width: Tensor
+    codes: dict[str, Tensor] = field(default_factory=dict)  # CODES.<layer>.<side>.<name>
 
     @classmethod
-    def from_records(cls, records: list[list[EventRecord]], rows: int) -> "KeepSetBatch":
+    def from_records(cls, records: list[list[EventRecord]], rows: int,
+                     codes: list[LayerCodes | None] | None = None) -> "KeepSetBatch":
         layers = len(records)
         events = max((len(layer) for layer in records), default=0)
         shapes = [r.kept.shape for layer in records for r in layer]
@@ -130,10 +135,14 @@ class KeepSetBatch:
                 kept[:, l, e, :h, :k] = record.kept.to(torch.int32).cpu()
                 seen[:, l, e] = record.tokens_seen
                 widths[:, l, e] = k
-        return cls(kept, seen, widths)
+        flat = {f"{CODES}.{l}.{side}.{name}": t.cpu()
+                for l, layer in enumerate(codes or []) if layer is not None
+                for side, encoded in layer.items() for name, t in encoded.items()}
+        return cls(kept, seen, widths, flat)
 
     def fields(self, device=None) -> dict[str, Tensor]:
-        return {KEPT: self.kept.to(device), EVENT_SEEN: self.seen.to(device), EVENT_WIDTH: self.width.to(device)}
+        fields = {KEPT: self.kept, EVENT_SEEN: self.seen, EVENT_WIDTH: self.width, **self.codes}
+        return {key: t.to(device) for key, t in fields.items()}
 
     @classmethod
     def from_fields(cls, inputs: dict) -> "KeepSetBatch":
@@ -141,14 +150,25 @@ class KeepSetBatch:
         if missing:
             raise ValueError(f"the batch carries no recorded keep-sets ({', '.join(missing)} missing): it was not "
                              "sampled through a compressed cache")
-        return cls(inputs[KEPT], inputs[EVENT_SEEN], inputs[EVENT_WIDTH])
+        codes = {key: t for key, t in inputs.items() if key.startswith(CODES + ".")}
+        return cls(inputs[KEPT], inputs[EVENT_SEEN], inputs[EVENT_WIDTH], codes)
 
     @property
     def rows(self) -> int:
         return self.kept.shape[0]
 
     def slice(self, start: int, end: int) -> "KeepSetBatch":
-        return KeepSetBatch(self.kept[start:end], self.seen[start:end], self.width[start:end])
+        return KeepSetBatch(self.kept[start:end], self.seen[start:end], self.width[start:end],
+                            {key: t[start:end] for key, t in self.codes.items()})
+
+    def layer_codes(self, device=None) -> list[LayerCodes | None]:
+        """Per layer, the codes of these rows (`CompressedCache.codes`), None where none were recorded."""
+        layers: list[LayerCodes | None] = [None] * self.kept.shape[1]
+        for key, t in self.codes.items():
+            l, side, name = key[len(CODES) + 1 :].split(".")
+            layer = layers[int(l)] = layers[int(l)] or {}
+            layer.setdefault(side, {})[name] = t.to(device)
+        return layers
 
     def records(self, device=None) -> list[list[EventRecord]]:
         """Per layer, the `EventRecord`s of these rows, as the sampling cache recorded them.

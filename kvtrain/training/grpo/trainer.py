@@ -7,11 +7,11 @@ The hooks it overrides, and why each is the smallest that works:
   masking) runs unchanged inside `recording_generate`, which makes the policy's `generate` sample through a
   recording cache and note each sampled token's log-probability; those are returned to TRL as the rollout's
   log-probs (its `sampling_per_token_logps`).
-* `_generate_and_score_completions`: adds the rows' keep-sets (`KeepSetBatch` tensors, row first) and the
-  optimizer step they were sampled at to the batch dict, which TRL then shuffles and splits with the rest.
+* `_generate_and_score_completions`: adds the rows' keep-sets and codes (`KeepSetBatch` tensors, row first) and
+  the optimizer step they were sampled at to the batch dict, which TRL then shuffles and splits with the rest.
 * `_get_per_token_logps_and_entropies`: TRL's forward, run per chunk of rows inside
-  `replay_compression(..., keep_sets=<those rows' records>)`. A forward with gradient binds its replay until the
-  end of the training step, so that backward (gradient checkpointing recomputes layers) attends as the forward did.
+  `replay_compression(..., keep_sets=<those rows' records>, codes=<their codes>)`. A forward with gradient binds its
+  replay until the end of the training step, so that backward (gradient checkpointing recomputes layers) attends as the forward did.
 * `_compute_loss`: tells the forward which rows it scores, and on a micro-batch sampled by the current weights
   logs the mismatch: mean |logp_rollout - logp_training| over completion tokens (`logp_gap/replay`) and, for
   comparison, the gap a full-attention training forward of the same rollouts has (`logp_gap/full_attention`).
@@ -81,7 +81,7 @@ class CompressedGRPOTrainer(checkpoints.AtomicCheckpoints, GRPOTrainer):
             raise RuntimeError(f"expected one generate call per generation step, saw {len(rollouts)}")
         rollout = rollouts[0]
         if self.compressed:
-            self._rows = KeepSetBatch.from_records(rollout.records, len(completion_ids))
+            self._rows = KeepSetBatch.from_records(rollout.records, len(completion_ids), rollout.codes)
         logprobs = [row[: len(ids)].tolist() for row, ids in zip(rollout.logprobs.cpu(), completion_ids, strict=True)]
         return completion_ids, logprobs
 
@@ -136,8 +136,9 @@ class CompressedGRPOTrainer(checkpoints.AtomicCheckpoints, GRPOTrainer):
         chunks = []
         for start in range(0, n, batch_size):
             end = min(start + batch_size, n)
+            chunk = rows.slice(start, end)
             replay = replay_compression(base, self.kv_config, prefill_len=prefill,
-                                        keep_sets=rows.slice(start, end).records(input_ids.device))
+                                        keep_sets=chunk.records(input_ids.device), codes=chunk.layer_codes(input_ids.device))
             with contextlib.ExitStack() as local:
                 (self._step_stack if grad and self._step_stack is not None else local).enter_context(replay)
                 chunks.append(forward(model, input_ids[start:end], attention_mask[start:end], logits_to_keep,

@@ -1,7 +1,11 @@
 """Exactness on SmolLM2-135M: the log-probs of a training forward that replays a rollout's recorded keep-sets equal
-the log-probs the sampler gave the same tokens while it decoded through the compressed cache (mean |gap| <= 1e-3
-in fp32), for eviction with decode-time events inside the completion (G-KV), merging (KeepKV) and eviction + 4-bit
-values; a naive full-attention training forward of the same rollouts is reported next to it and is far off."""
+the log-probs the sampler gave the same tokens while it decoded through the compressed cache, for eviction with
+decode-time events inside the completion (G-KV), merging (KeepKV) and eviction + 4-bit values (replayed with the
+codes the sampler's cache recorded), at the recipe's sampling temperature 0.7 (at 1.0 a log-prob that forgot the
+temperature would pass). The bound is float rounding, not a tuned margin: a batched and a step-by-step fp32 forward
+of the same tokens differ in their last bits (~1e-7 relative), which move a log-prob by ~1e-6; one flipped keep
+decision or quantisation code moves it by 1e-3 or more. A naive full-attention training forward of the same
+rollouts is reported next to it and is far off."""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from kvtrain.training.grpo.rollouts import KeepSetBatch, recording_generate
 from kvtrain.training.grpo.tasks import task_items
 
 pytestmark = pytest.mark.slow
-TEMPERATURE, NEW_TOKENS = 1.0, 16
+TEMPERATURE, NEW_TOKENS = 0.7, 16
+BOUND = 1e-5  # mean |gap|: float rounding only (see the module docstring)
 
 
 def gkv(**overrides) -> KVCompressionConfig:
@@ -65,9 +70,10 @@ def test_replayed_logprobs_are_the_samplers(smollm2, prompts, name):
     keep = (eos.cumsum(dim=1) - eos) == 0
     mask = torch.cat([prompts["attention_mask"], keep.long()], dim=1)
     assert all(len(layer) >= 4 for layer in rollout.records)  # prefill + decode-time events inside the completion
-    # The keep-sets travel as batch tensors and come back as records, as in training.
-    records = KeepSetBatch.from_records(rollout.records, ids.shape[0]).records()
-    with torch.no_grad(), replay_compression(model, config, prefill_len=prefill, keep_sets=records):
+    # The keep-sets and codes travel as batch tensors and come back as records and codes, as in training.
+    batch = KeepSetBatch.from_records(rollout.records, ids.shape[0], rollout.codes)
+    with torch.no_grad(), replay_compression(model, config, prefill_len=prefill, keep_sets=batch.records(),
+                                             codes=batch.layer_codes()):
         replayed = sampled_logprobs(model, ids, mask, prefill)
     with torch.no_grad():
         naive = sampled_logprobs(model, ids, mask, prefill)
@@ -75,5 +81,5 @@ def test_replayed_logprobs_are_the_samplers(smollm2, prompts, name):
     naive_gap = (rollout.logprobs - naive).abs()[keep]
     print(f"{name}: replay mean {replay_gap.mean():.2e} max {replay_gap.max():.2e}; "
           f"full attention mean {naive_gap.mean():.2e} max {naive_gap.max():.2e}")
-    assert replay_gap.mean().item() <= 1e-3
-    assert naive_gap.mean().item() >= 20 * replay_gap.mean().item() and naive_gap.mean().item() > 1e-2
+    assert replay_gap.mean().item() <= BOUND
+    assert naive_gap.mean().item() > 1e-2
