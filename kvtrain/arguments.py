@@ -36,6 +36,10 @@ class KVCompressionArguments:
     kv_keepkv: bool = field(default=False, metadata={"help": "merge evicted entries (KeepKV) instead of dropping them"})
 
     def to_config(self) -> KVCompressionConfig:
+        if self.kv_budget is not None and self.kv_ratio is not None:
+            # Each replaces the other in the config: neither may silently win.
+            raise ConfigError(f"kv_budget = {self.kv_budget} (--kv-budget) and kv_ratio = {self.kv_ratio} (--kv-ratio) "
+                              "conflict: give one (tokens kept per KV head, or the fraction evicted)")
         overrides = [f.name for f in dataclasses.fields(self) if f.name != "kv_config" and getattr(self, f.name) not in (None, False, [])]
         if self.kv_config and overrides:
             # A recipe's kv_* fields silently winning over a --kv_config file given on the command line is the

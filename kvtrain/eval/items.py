@@ -123,7 +123,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def read_items(path: str | Path) -> list[EvalItem]:
-    return [EvalItem.from_dict(r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
+    """The items of a JSONL file (`kvtrain eval export`); a file without any is an error, not a zero score."""
+    items = [EvalItem.from_dict(r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
+    if not items:
+        raise ConfigError(f"{path}: no items (the file is empty); write them with `kvtrain eval export`")
+    return items
 
 
 def score_responses(items: list[EvalItem], responses: dict[str, str]) -> list[dict[str, Any]]:

@@ -16,13 +16,14 @@ paragraphs (`kvtrain.eval.heldout`), cut to `length` tokens; needles and keys ar
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtrain.eval import metrics as M
 from kvtrain.eval.generation import run_items
 from kvtrain.eval.heldout import check_not_in_training, heldout_paragraphs
 from kvtrain.eval.items import Check, EvalItem
 from kvtrain.eval.suites.base import Suite, SuiteResult
+from kvtrain.typecheck import check_fields, limits
 
 KINDS = ("passkey", "needle", "copy")
 INGREDIENTS = ("saffron", "cinnamon", "ginger", "nutmeg", "oregano", "paprika", "vanilla", "rosemary", "basil",
@@ -34,20 +35,16 @@ COPY_ANSWER_WORDS = 8
 
 @dataclass
 class RetrievalOptions:
-    lengths: tuple[int, ...] = (256, 512)  # tokens of the whole prompt
-    depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # where the needle (or copied sentence) sits in the haystack
-    kinds: tuple[str, ...] = KINDS
+    # tokens of the whole prompt
+    lengths: tuple[int, ...] = field(default=(256, 512), metadata=limits(minimum=64, nonempty=True))
+    # where the needle (or copied sentence) sits in the haystack
+    depths: tuple[float, ...] = field(default=(0.1, 0.5, 0.9), metadata=limits(minimum=0.0, maximum=1.0, nonempty=True))
+    kinds: tuple[str, ...] = field(default=KINDS, metadata=limits(choices=KINDS, nonempty=True))
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=limits(minimum=1))
 
     def __post_init__(self) -> None:
-        bad = [k for k in self.kinds if k not in KINDS]
-        if bad:
-            raise ValueError(f"kinds {bad}: choose from {list(KINDS)}")
-        if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths {list(self.depths)} must lie in [0, 1]")
-        if any(length < 64 for length in self.lengths):
-            raise ValueError(f"lengths {list(self.lengths)} must be >= 64 tokens")
+        check_fields(self)
 
 
 def _filler_words(offset: int) -> list[str]:
