@@ -38,8 +38,8 @@ class KVCompressionArguments:
     def to_config(self) -> KVCompressionConfig:
         if self.kv_budget is not None and self.kv_ratio is not None:
             # Each replaces the other in the config: neither may silently win.
-            raise ConfigError(f"kv_budget = {self.kv_budget} (--kv-budget) and kv_ratio = {self.kv_ratio} (--kv-ratio) "
-                              "conflict: give one (tokens kept per KV head, or the fraction evicted)")
+            raise ConfigError(f"kv_budget = {self.kv_budget} and kv_ratio = {self.kv_ratio} conflict: give one of them "
+                              "(tokens kept per KV head, or the fraction evicted)")
         overrides = [f.name for f in dataclasses.fields(self) if f.name != "kv_config" and getattr(self, f.name) not in (None, False, [])]
         if self.kv_config and overrides:
             # A recipe's kv_* fields silently winning over a --kv_config file given on the command line is the
@@ -86,6 +86,17 @@ class KVCompressionArguments:
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "KVCompressionArguments":
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:

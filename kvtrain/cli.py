@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from kvtrain.arguments import KVCompressionArguments
+from kvtrain.arguments import KVCompressionArguments, positive_int
 from kvtrain.config import KVCompressionConfig
-from kvtrain.errors import UserError, debug_requested, run_entry_point
+from kvtrain.errors import UserError, debug_requested, run_entry_point, said_once
 from kvtrain.io import check_writable
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -34,19 +34,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from kvtrain.eval.loyalty import full_cache_bytes_per_token
-    from kvtrain.models import check_positions, load_model
+    from kvtrain.models import load_model
+    from kvtrain.models.limits import check_sequence
+    from kvtrain.models.loading import load_config
     from kvtrain.runtime.cache import CompressedCache
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
     config = compression_config(args)
+    check_sequence(load_config(args.model)[1], args.max_new_tokens, "--max-new-tokens (before the prompt)")
     model, tokenizer = load_model(args.model)
     if args.chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt")
-    check_positions(model.config, inputs["input_ids"].shape[1] + args.max_new_tokens, "prompt + --max-new-tokens")
+    check_sequence(model.config, inputs["input_ids"].shape[1] + args.max_new_tokens, "prompt + --max-new-tokens")
     cache = CompressedCache.for_model(model, config)
     with torch.no_grad():
         out = model.generate(
@@ -70,14 +73,17 @@ def cmd_eval_loyalty(args: argparse.Namespace) -> None:
     from kvtrain.eval.loyalty import evaluate_loyalty
     from kvtrain.eval.report import print_table
     from kvtrain.io import atomic_write_text
-    from kvtrain.models import check_positions, load_model
+    from kvtrain.models import load_model
+    from kvtrain.models.limits import check_sequence
+    from kvtrain.models.loading import load_config
 
     if args.out:
         check_writable(args.out, "--out", folder=False)
     config = compression_config(args)
-    model, tokenizer = load_model(args.model)
-    check_positions(model.config, args.context_len + args.continuation_len, "--context-len + --continuation-len")
+    check_sequence(load_config(args.model)[1], args.context_len + args.continuation_len,
+                   "--context-len + --continuation-len")
     texts = load_texts(args.data, split=args.split)
+    model, tokenizer = load_model(args.model)
     blocks = token_blocks(tokenizer, texts, args.context_len + args.continuation_len, n_blocks=args.samples)
     (result,) = evaluate_loyalty(model, [config], blocks, context_len=args.context_len)
     row = {"model": args.model, "scorer": config.scorer.name, "budget": config.budget, "ratio": config.compression_ratio, **result.to_dict()}
@@ -92,17 +98,6 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     check_writable(args.out, "--out", folder=True)
     run_quickstart(QuickstartSettings(out=args.out, steps=args.steps, eval_blocks=args.eval_blocks))
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse reports anything else as a usage error naming the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    with said_once():
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
     return run_entry_point(lambda: args.func(args), prog="kvtrain", debug=debug)
 
 

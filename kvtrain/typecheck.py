@@ -119,4 +119,4 @@ def check_fields(instance: Any) -> None:
         value = getattr(instance, f.name)
         expected = field_error(f, hints[f.name], value)
         if expected is not None:
-            raise UserError(f"option {f.name!r} = {value!r}: must be {expected}")
+            raise UserError(f"{f.name}={value!r}: must be {expected}")

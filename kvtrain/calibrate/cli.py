@@ -10,6 +10,7 @@ from kvtrain.artifacts.projections import METHODS
 from kvtrain.calibrate.run import DEFAULT_FITS, FITS, CalibrationSettings, calibrate
 from kvtrain.io import check_writable
 from kvtrain.models import load_model
+from kvtrain.models.loading import load_config
 
 
 def _fit_list(text: str) -> list[str]:
@@ -63,6 +64,7 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out", folder=True)
     settings = CalibrationSettings(**{f.name: getattr(args, f.name) for f in fields(CalibrationSettings)})
+    settings.check_model(load_config(args.model)[1], tuple(args.fit))
     model, tokenizer = load_model(args.model)
     folder = calibrate(model, tokenizer, out_dir=args.out, data=args.data, split=args.split, fit=args.fit,
                        settings=settings, resume=args.resume, progress=args.progress)

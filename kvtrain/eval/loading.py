@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvtrain.artifacts.checkpoint import read_training_metadata
 from kvtrain.config import ConfigError, KVCompressionConfig
 from kvtrain.models import load_model
+from kvtrain.models.loading import load_config
 from kvtrain.runtime.pretrained import load_compressed
 
 CHECKPOINT_CONFIG = Path("kv_compression") / "compression.json"
@@ -46,6 +48,21 @@ def load_for_eval(source: str):
         return model, tokenizer, config
     model, tokenizer = load_model(source)
     return model, tokenizer, None
+
+
+def model_config(source: str):
+    """The transformers config of what `load_for_eval` loads, from config.json alone (no weights): for a LoRA
+    checkpoint, its base model's."""
+    if is_checkpoint(source):
+        path = check_checkpoint(source)
+        if not (path / "config.json").is_file():  # an adapter: the positions are its base model's
+            base = read_training_metadata(path).get("base_model")
+            if not isinstance(base, str) or not base:
+                raise ConfigError(f"{path / TRAINING_METADATA}: field 'base_model' = {base!r}: a LoRA checkpoint "
+                                  "must name its base model")
+            return load_config(base)[1]
+        source = str(path)
+    return load_config(source)[1]
 
 
 def checkpoint_config(source: str | Path):

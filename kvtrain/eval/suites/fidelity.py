@@ -61,6 +61,9 @@ class FidelitySuite(Suite):
     Options = FidelityOptions
     quality_metric = "output_fidelity"
 
+    def longest_sequence(self, options: FidelityOptions) -> tuple[int, str]:
+        return options.block_len, "block_len"
+
     def run(self, model, tokenizer, config, options: FidelityOptions, *, progress: bool = False) -> SuiteResult:
 
         variant = fidelity_variant(config, model.config)

@@ -209,6 +209,9 @@ class InstructionsSuite(Suite):
     def build_items(self, tokenizer, options: InstructionsOptions) -> list[EvalItem]:
         return build_items(tokenizer, options)
 
+    def longest_sequence(self, options: InstructionsOptions) -> tuple[int, str]:
+        return options.max_new_tokens, "max_new_tokens (before the prompt)"
+
     def run(self, model, tokenizer, config, options: InstructionsOptions, *, progress: bool = False) -> SuiteResult:
 
         items = self.build_items(tokenizer, options)

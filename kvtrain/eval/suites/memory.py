@@ -101,6 +101,9 @@ class MemorySuite(Suite):
     name = "memory"
     Options = MemoryOptions
 
+    def longest_sequence(self, options: MemoryOptions) -> tuple[int, str]:
+        return max(options.lengths) + options.decode_steps, "max(lengths) + decode_steps"
+
     def run(self, model, tokenizer, config, options: MemoryOptions, *, progress: bool = False) -> SuiteResult:
 
         use_kvtrain_attention(model)

@@ -43,6 +43,9 @@ class PerplexitySuite(Suite):
     quality_lower_is_better = True
     method = "replay"
 
+    def longest_sequence(self, options: PerplexityOptions) -> tuple[int, str]:
+        return options.context_len + options.continuation_len, "context_len + continuation_len"
+
     def run(self, model, tokenizer, config, options: PerplexityOptions, *, progress: bool = False) -> SuiteResult:
         import torch
 

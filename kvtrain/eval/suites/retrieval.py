@@ -31,6 +31,9 @@ INGREDIENTS = ("saffron", "cinnamon", "ginger", "nutmeg", "oregano", "paprika", 
 COPY_CUE_TOKENS = 8  # "\n\n" and the first words of the sentence
 COPY_MAX_CUE_WORDS = 7
 COPY_ANSWER_WORDS = 8
+# Tokens generated after the cue: the first words of a key or ingredient, and a copied sentence's next words.
+ANSWER_TOKENS = 8
+COPY_TOKENS = 20
 
 
 @dataclass
@@ -92,7 +95,7 @@ def _needle_item(tokenizer, kind: str, length: int, depth: float, index: int, se
     return EvalItem(
         id=f"{kind}-L{length}-d{depth:g}", suite="retrieval",
         pieces=[("haystack", build(n)), ("cue", cue)], prefill_pieces=1,
-        checks=[Check("answer", checker, answer)], max_new_tokens=8, stop=["\n"],
+        checks=[Check("answer", checker, answer)], max_new_tokens=ANSWER_TOKENS, stop=["\n"],
         meta={"kind": kind, "length": length, "depth": depth},
     )
 
@@ -130,7 +133,7 @@ def _copy_items(tokenizer, length: int, depths: tuple[float, ...], seed: int) ->
             id=f"copy-L{length}-d{depth:g}", suite="retrieval",
             pieces=[("haystack", " ".join(words[:n])), ("cue", cue)], prefill_pieces=1,
             checks=[Check("answer", "verbatim_prefix", " ".join(words[after : after + COPY_ANSWER_WORDS]))],
-            max_new_tokens=20, stop=["\n"], meta={"kind": "copy", "length": length, "depth": round(start / n, 3)},
+            max_new_tokens=COPY_TOKENS, stop=["\n"], meta={"kind": "copy", "length": length, "depth": round(start / n, 3)},
         ))
     return items
 
@@ -155,6 +158,10 @@ class RetrievalSuite(Suite):
                     items.append(_needle_item(tokenizer, kind, length, depth, i, options.seed))
         check_not_in_training([item.pieces[0][1] for item in items], "retrieval haystack")
         return items
+
+    def longest_sequence(self, options: RetrievalOptions) -> tuple[int, str]:
+        answer = max(ANSWER_TOKENS, COPY_TOKENS)
+        return max(options.lengths) + answer, f"max(lengths) + {answer} answer tokens"
 
     def run(self, model, tokenizer, config, options: RetrievalOptions, *, progress: bool = False) -> SuiteResult:
 
