@@ -100,7 +100,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path: Path) -> None:
     _write_jsonl(path, [["a list"]])
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected a JSON object"):
         load_texts(str(path))
-    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+    with pytest.raises(UserError, match="nowhere.jsonl.*no such file"):
         load_texts(str(tmp_path / "nowhere.jsonl"))
 
 
