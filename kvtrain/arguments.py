@@ -13,9 +13,10 @@ import json
 import logging
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig
+if TYPE_CHECKING:
+    from kvtrain.config import KVCompressionConfig
 
 logger = logging.getLogger("kvtrain")
 
@@ -36,6 +37,9 @@ class KVCompressionArguments:
     kv_keepkv: bool = field(default=False, metadata={"help": "merge evicted entries (KeepKV) instead of dropping them"})
 
     def to_config(self) -> KVCompressionConfig:
+        # Imported here: the flags themselves are light, so `kvtrain --help` does not import torch.
+        from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig
+
         if self.kv_budget is not None and self.kv_ratio is not None:
             # Each replaces the other in the config: neither may silently win.
             raise ConfigError(f"kv_budget = {self.kv_budget} and kv_ratio = {self.kv_ratio} conflict: give one of them "
@@ -102,6 +106,8 @@ def positive_int(text: str) -> int:
 def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` items of a repeatable flag (`flag` names it in the error): numbers, booleans, lists and null
     as JSON; anything else a plain string (e.g. a path)."""
+    from kvtrain.config import ConfigError
+
     values: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -22,7 +22,8 @@ from kvtrain import models
 from kvtrain.errors import UserError
 from kvtrain.eval.items import Check, EvalItem, write_items
 from kvtrain.models import limits, tiny_model, tiny_tokenizer
-from tests.test_bad_inputs import distill, distill_args, generate, grpo, grpo_args, kvtrain_cli, model_dir  # noqa: F401
+# The same module object pytest collected (a second import under another name would register its rewards twice).
+from test_bad_inputs import distill, distill_args, generate, grpo, grpo_args, kvtrain_cli, model_dir  # noqa: F401
 
 MAX_POSITIONS = "max_position_embeddings = 1024"
 
@@ -289,3 +290,17 @@ def test_atomic_writes_get_the_permissions_open_would_give(mask, tmp_path):
     assert stat.S_IMODE((tmp_path / "atomic.json").stat().st_mode) == by_open
     assert stat.S_IMODE((tmp_path / "folder" / "weights.safetensors").stat().st_mode) == by_open
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == stat.S_IMODE((tmp_path / "by_mkdir").stat().st_mode)
+
+
+def test_listing_the_commands_imports_none_of_their_machinery():
+    """`kvtrain --help` answers at once: it imports neither torch nor transformers (no timing asserted)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kvtrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert "calibrate" in done.stdout and "evaluation suites" in done.stdout, done.stdout
