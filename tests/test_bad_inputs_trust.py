@@ -268,7 +268,7 @@ def test_a_usage_error_is_said_by_the_first_rank_only(rank, said, capsys, monkey
 
 
 # --------------------------------------------------------------------------------------------- permissions
-@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=["022", "027", "002"])
 def test_atomic_writes_get_the_permissions_open_would_give(mask, tmp_path):
     from kvtrain.io import atomic_write_text, write_folder_atomically
 
