@@ -54,6 +54,12 @@ def suite(name, m, out, *options):
             *[arg for option in options for arg in ("--set", option)]]
 
 
+def sweep(m, inputs, out, suites):
+    grid = inputs["a_folder"] / "grid.yaml"
+    grid.write_text(json.dumps({"model": str(m), "budgets": ["low"], "methods": ["snapkv"], "suites": suites}))
+    return ["eval", "sweep", str(grid), "--out", str(out / "sweep")]
+
+
 def calibrate(m, out, *extra):
     return ["calibrate", "--model", str(m), "--out", str(out / "calib"), "--no-progress", *extra]
 
@@ -68,6 +74,8 @@ LIMITS = [
      f"context_len + continuation_len = 1128 tokens exceeds the model's {MAX_POSITIONS}"),
     ("instructions-beyond-positions", "cli", lambda m, f, o: suite("instructions", m, o, "max_new_tokens=2000"),
      f"max_new_tokens (before the prompt) = 2000 tokens exceeds the model's {MAX_POSITIONS}"),
+    ("sweep-beyond-positions", "cli", lambda m, f, o: sweep(m, f, o, {"perplexity": {"context_len": 1000}}),
+     f"grid.yaml: suites.perplexity: context_len + continuation_len = 1128 tokens exceeds the model's {MAX_POSITIONS}"),
     ("fidelity-block-beyond-positions", "cli", lambda m, f, o: ["eval", "fidelity", "--model", str(m), "--key-bits",
                                                                 "4", "--block-len", "9000", "--out", str(o / "f.json")],
      f"--block-len = 9000 tokens exceeds the model's {MAX_POSITIONS}"),

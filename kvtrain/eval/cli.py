@@ -23,8 +23,7 @@ def _compression_given(args: argparse.Namespace) -> bool:
 
 def cmd_suite(args: argparse.Namespace) -> None:
     from kvtrain.arguments import KVCompressionArguments, parse_key_values
-    from kvtrain.eval.loading import load_for_eval, model_config
-    from kvtrain.models.limits import check_sequence
+    from kvtrain.eval.loading import check_suite_limits, load_for_eval
     from kvtrain.eval.report import print_table
     from kvtrain.eval.suites import get_suite, quality_ratio, relative_metrics
     from kvtrain.io import atomic_write_text
@@ -32,10 +31,7 @@ def cmd_suite(args: argparse.Namespace) -> None:
     suite = get_suite(args.suite)
     options = suite.parse_options(parse_key_values(args.set, "--set"), "--set")
     requested = KVCompressionArguments.from_namespace(args).to_config()  # checked before anything loads
-    longest = suite.longest_sequence(options)
-    if longest is not None:
-        tokens, what = longest
-        check_sequence(model_config(args.model), tokens, f"--set {what}", batch=getattr(options, "batch_size", 1))
+    check_suite_limits(suite, options, args.model, "--set")
     model, tokenizer, trained_config = load_for_eval(args.model)
     # A checkpoint is evaluated under the compression it was trained for, unless flags say otherwise.
     config = trained_config if trained_config is not None and not _compression_given(args) else requested

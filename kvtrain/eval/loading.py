@@ -12,6 +12,7 @@ from pathlib import Path
 from kvtrain.artifacts.checkpoint import read_training_metadata
 from kvtrain.config import ConfigError, KVCompressionConfig
 from kvtrain.models import load_model
+from kvtrain.models.limits import check_sequence
 from kvtrain.models.loading import load_config
 from kvtrain.runtime.pretrained import load_compressed
 
@@ -63,6 +64,15 @@ def model_config(source: str):
             return load_config(base)[1]
         source = str(path)
     return load_config(source)[1]
+
+
+def check_suite_limits(suite, options, source: str, where: str) -> None:
+    """Refuse, from config.json before the weights load, a run of `suite` with `options` on `source` whose longest
+    sequence exceeds the model's positions or the machine's memory; `where` names the options' origin."""
+    longest = suite.longest_sequence(options)
+    if longest is not None:
+        tokens, what = longest
+        check_sequence(model_config(source), tokens, f"{where} {what}", batch=getattr(options, "batch_size", 1))
 
 
 def checkpoint_config(source: str | Path):

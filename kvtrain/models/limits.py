@@ -3,8 +3,9 @@ sequence within the model's positions, and a forward over it within the memory t
 
 The memory estimate is of a float32 forward on the CPU (what `load_model` loads by default): the weights, the
 full KV cache of every layer, one layer's attention scores and their softmax (attention materialises them one
-layer at a time), the MLP activations of one layer and the logits. It is meant to refuse the requests that
-cannot fit (a length the kernel would kill the process over), not to predict the peak to the byte.
+layer at a time), the MLP activations of one layer and the logits. It leaves out the interpreter, the libraries
+and the kernels' temporaries, so it falls below the real peak: what it refuses cannot fit (a length the kernel
+would kill the process over), what it lets through may still be tight.
 """
 
 from __future__ import annotations
