@@ -45,11 +45,6 @@ def fits(value: Any, hint: Any) -> bool:
     if origin in (list, tuple):
         element = typing.get_args(hint)[0] if typing.get_args(hint) else Any
         return isinstance(value, (list, tuple)) and all(fits(v, element) for v in value)
-    if origin is dict:
-        key, item = typing.get_args(hint) or (Any, Any)
-        return isinstance(value, dict) and all(fits(k, key) and fits(v, item) for k, v in value.items())
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
     if isinstance(hint, type):
         return isinstance(value, hint)
     raise TypeError(f"kvtrain.typecheck cannot check against the annotation {hint!r}")
@@ -63,10 +58,6 @@ def describe(hint: Any) -> str:
     if origin in (list, tuple):
         element = typing.get_args(hint)[0] if typing.get_args(hint) else Any
         return f"a list of {_PLURALS.get(element, 'values')}"
-    if origin is dict:
-        return "a mapping"
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if hint is None:
         return "null"
     return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))

@@ -312,3 +312,16 @@ def test_listing_the_commands_imports_none_of_their_machinery():
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.returncode == 0, done.stderr
     assert "calibrate" in done.stdout and "evaluation suites" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("value,hint,accepted", [
+    (True, int, False), (True, float, False), (3, float, True), (float("nan"), float, False), (3.0, int, False),
+    ("ab", tuple[str, ...], False), (["a", "b"], tuple[str, ...], True), ([1, True], list[int], False),
+    (None, int | None, True), ("x", int | None, False), (False, bool, True),
+])
+def test_the_strict_checker_against_obvious_cases(value, hint, accepted):
+    """The one checker of scorer parameters, suite options and calibration settings: a bool is not a number, an
+    int is a float, NaN is not, a string is not a list, a list is a list of what it holds."""
+    from kvtrain.typecheck import type_error
+
+    assert (type_error(value, hint) is None) == accepted
