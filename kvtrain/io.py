@@ -12,7 +12,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from kvtrain.errors import OutputInUseError, UserError
 
@@ -75,6 +75,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def permissions_as_created(paths: Iterable[Path]) -> None:
+    """Give files and folders this job just wrote the permissions mkdir and open() give under the process's umask.
+
+    Libraries that write through private temporary files of their own (safetensors, under `save_pretrained`) leave
+    their outputs readable by their owner only, whatever the umask says.
+    """
+    mask = process_umask()
+    for path in paths:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Fill a fresh temporary sibling folder with ``write(folder)``, then move it to ``target``.
 
@@ -86,11 +97,7 @@ def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None
     try:
         with naming_a_full_disk(target):
             write(tmp)
-        # mkdtemp makes the folder private, and libraries that write through temporary files of their own (the
-        # safetensors of `save_pretrained`) leave them private too: give everything what mkdir/open() would.
-        mask = process_umask()
-        for item in [tmp, *tmp.rglob("*")]:
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+        permissions_as_created([tmp, *tmp.rglob("*")])  # all new; mkdtemp made the folder private
         # os.replace cannot overwrite a non-empty folder: move the old one aside (a rename, so readers
         # never see it half deleted), then delete it.
         old = tmp.with_name(tmp.name + ".old")

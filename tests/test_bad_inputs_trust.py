@@ -325,3 +325,17 @@ def test_the_strict_checker_against_obvious_cases(value, hint, accepted):
     from kvtrain.typecheck import type_error
 
     assert (type_error(value, hint) is None) == accepted
+
+
+def test_the_trained_weights_get_the_permissions_open_would_give(model_dir, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        code, output = distill(distill_args(model_dir, tmp_path, "--max_steps", "1", "--save_strategy", "no"), capsys)
+        with open(tmp_path / "by_open", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert code == 0, output
+    weights = list((tmp_path / "out").glob("*.safetensors"))
+    by_open = stat.S_IMODE((tmp_path / "by_open").stat().st_mode)
+    assert weights and {stat.S_IMODE(w.stat().st_mode) for w in weights} == {by_open}, weights

@@ -22,7 +22,7 @@ from trl import ModelConfig, get_peft_config
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
-from kvtrain.io import OutputLock
+from kvtrain.io import OutputLock, permissions_as_created
 from kvtrain.models import load_model, model_fingerprint
 from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
@@ -246,6 +246,7 @@ def save(run: Run, result) -> Path:
             },
             projections=run.projections,
         )
+        permissions_as_created(output_dir.glob("*.safetensors"))  # the weights: private as safetensors writes them
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

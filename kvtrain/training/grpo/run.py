@@ -22,7 +22,7 @@ from trl import GRPOConfig, ModelConfig, get_peft_config
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.errors import UserError
-from kvtrain.io import OutputLock
+from kvtrain.io import OutputLock, permissions_as_created
 from kvtrain.models import check_positions, load_model, model_fingerprint
 from kvtrain.models.shape import check_window, sliding_windows
 from kvtrain.runtime.routing import use_kvtrain_attention
@@ -201,6 +201,7 @@ def save(run: GRPORun, result) -> Path:
                 "metrics": {"train": result.metrics, "log_history": trainer.state.log_history},
             },
         )
+        permissions_as_created(output_dir.glob("*.safetensors"))  # the weights: private as safetensors writes them
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
