@@ -13,9 +13,10 @@ import json
 import logging
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig
+if TYPE_CHECKING:
+    from kvtrain.config import KVCompressionConfig
 
 logger = logging.getLogger("kvtrain")
 
@@ -36,6 +37,13 @@ class KVCompressionArguments:
     kv_keepkv: bool = field(default=False, metadata={"help": "merge evicted entries (KeepKV) instead of dropping them"})
 
     def to_config(self) -> KVCompressionConfig:
+        # Imported here: the flags themselves are light, so `kvtrain --help` does not import torch.
+        from kvtrain.config import ConfigError, KVCompressionConfig, MergeConfig
+
+        if self.kv_budget is not None and self.kv_ratio is not None:
+            # Each replaces the other in the config: neither may silently win.
+            raise ConfigError(f"kv_budget = {self.kv_budget} and kv_ratio = {self.kv_ratio} conflict: give one of them "
+                              "(tokens kept per KV head, or the fraction evicted)")
         overrides = [f.name for f in dataclasses.fields(self) if f.name != "kv_config" and getattr(self, f.name) not in (None, False, [])]
         if self.kv_config and overrides:
             # A recipe's kv_* fields silently winning over a --kv_config file given on the command line is the
@@ -84,9 +92,22 @@ class KVCompressionArguments:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error naming the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` items of a repeatable flag (`flag` names it in the error): numbers, booleans, lists and null
     as JSON; anything else a plain string (e.g. a path)."""
+    from kvtrain.config import ConfigError
+
     values: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -11,13 +11,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvtrain.arguments import KVCompressionArguments
-from kvtrain.config import KVCompressionConfig
-from kvtrain.errors import UserError, debug_requested, run_entry_point
+from kvtrain.arguments import KVCompressionArguments, positive_int
+from kvtrain.errors import UserError, debug_requested, run_entry_point, said_once
 from kvtrain.io import check_writable
 
+if TYPE_CHECKING:
+    from kvtrain.config import KVCompressionConfig
+
 DEFAULT_MODEL = "smollm2-135m"
+QUICKSTART_HELP = "prepare-model -> calibrate -> distill -> loyalty before/after, on SmolLM2"
+EVAL_HELP = "evaluation suites"
 
 
 def compression_config(args: argparse.Namespace) -> KVCompressionConfig:
@@ -34,19 +39,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from kvtrain.eval.loyalty import full_cache_bytes_per_token
-    from kvtrain.models import check_positions, load_model
+    from kvtrain.models import load_model
+    from kvtrain.models.limits import check_sequence
+    from kvtrain.models.loading import load_config
     from kvtrain.runtime.cache import CompressedCache
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
     config = compression_config(args)
+    check_sequence(load_config(args.model)[1], args.max_new_tokens, "--max-new-tokens (before the prompt)")
     model, tokenizer = load_model(args.model)
     if args.chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt")
-    check_positions(model.config, inputs["input_ids"].shape[1] + args.max_new_tokens, "prompt + --max-new-tokens")
+    check_sequence(model.config, inputs["input_ids"].shape[1] + args.max_new_tokens, "prompt + --max-new-tokens")
     cache = CompressedCache.for_model(model, config)
     with torch.no_grad():
         out = model.generate(
@@ -70,14 +78,17 @@ def cmd_eval_loyalty(args: argparse.Namespace) -> None:
     from kvtrain.eval.loyalty import evaluate_loyalty
     from kvtrain.eval.report import print_table
     from kvtrain.io import atomic_write_text
-    from kvtrain.models import check_positions, load_model
+    from kvtrain.models import load_model
+    from kvtrain.models.limits import check_sequence
+    from kvtrain.models.loading import load_config
 
     if args.out:
         check_writable(args.out, "--out", folder=False)
     config = compression_config(args)
-    model, tokenizer = load_model(args.model)
-    check_positions(model.config, args.context_len + args.continuation_len, "--context-len + --continuation-len")
+    check_sequence(load_config(args.model)[1], args.context_len + args.continuation_len,
+                   "--context-len + --continuation-len")
     texts = load_texts(args.data, split=args.split)
+    model, tokenizer = load_model(args.model)
     blocks = token_blocks(tokenizer, texts, args.context_len + args.continuation_len, n_blocks=args.samples)
     (result,) = evaluate_loyalty(model, [config], blocks, context_len=args.context_len)
     row = {"model": args.model, "scorer": config.scorer.name, "budget": config.budget, "ratio": config.compression_ratio, **result.to_dict()}
@@ -94,22 +105,12 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(QuickstartSettings(out=args.out, steps=args.steps, eval_blocks=args.eval_blocks))
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse reports anything else as a usage error naming the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from kvtrain.calibrate.cli import add_calibrate_parser
-    from kvtrain.eval.fidelity import add_fidelity_parser
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `kvtrain` parser. The heavy commands (quickstart, calibrate, eval) get their arguments only when
+    `command` names them; otherwise they are listed by name and help, so that `kvtrain --help` imports none of
+    their machinery (torch, transformers) and answers at once."""
+    from kvtrain.calibrate.cli import CALIBRATE_HELP, add_calibrate_parser
     from kvtrain.hub.cli import add_publish_parser
-    from kvtrain.quickstart import QuickstartSettings
 
     parser = argparse.ArgumentParser(prog="kvtrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,20 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("quickstart", help="prepare-model -> calibrate -> distill -> loyalty before/after, on SmolLM2")
+    deferred = {
+        "quickstart": (QUICKSTART_HELP, _add_quickstart),
+        "calibrate": (CALIBRATE_HELP, add_calibrate_parser),
+        "eval": (EVAL_HELP, _add_eval),
+    }
+    for name, (help_text, add) in deferred.items():
+        if command == name:
+            add(sub)
+        else:
+            sub.add_parser(name, help=help_text)
+    add_publish_parser(sub)
+    return parser
+
+
+def _add_quickstart(sub) -> None:
+    from kvtrain.quickstart import QuickstartSettings
+
+    p = sub.add_parser("quickstart", help=QUICKSTART_HELP)
     defaults = QuickstartSettings()
     p.add_argument("--out", type=Path, default=defaults.out)
     p.add_argument("--steps", type=positive_int, default=defaults.steps, help="distillation steps")
     p.add_argument("--eval-blocks", type=positive_int, default=defaults.eval_blocks, help="held-out blocks for loyalty")
     p.set_defaults(func=cmd_quickstart)
 
-    add_calibrate_parser(sub)
 
-    p = sub.add_parser("eval", help="evaluation suites")
+def _add_eval(sub) -> None:
+    from kvtrain.eval.cli import add_eval_parsers
+    from kvtrain.eval.fidelity import add_fidelity_parser
+
+    p = sub.add_parser("eval", help=EVAL_HELP)
     suites = p.add_subparsers(dest="suite", required=True)
     add_fidelity_parser(suites)
-    from kvtrain.eval.cli import add_eval_parsers
-
     add_eval_parsers(suites)
     p = suites.add_parser("loyalty", help="KL, top-1 agreement and NLL against the full cache")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -155,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     KVCompressionArguments.add_to_parser(p)
     p.set_defaults(func=cmd_eval_loyalty)
 
-    add_publish_parser(sub)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    with said_once():
+        args = build_parser(command).parse_args(argv)
     return run_entry_point(lambda: args.func(args), prog="kvtrain", debug=debug)
 
 

@@ -147,6 +147,12 @@ _OVERRIDABLE = (
 )
 
 
+# The sections of a config that are dataclasses of their own (None: the feature is off).
+_SECTIONS = {"merge": MergeConfig, "quant": QuantConfig, "lowrank": LowRankConfig, "sals": SalsConfig,
+             "schedule": ScheduleConfig}
+_OPTIONAL_SECTIONS = ("merge", "quant", "lowrank", "sals")
+
+
 @dataclass
 class KVCompressionConfig:
     """How the KV cache of every layer is compressed.
@@ -186,6 +192,11 @@ class KVCompressionConfig:
         def fail(name: str, value: Any, why: str) -> None:
             raise ConfigError(f"{source}: field {name!r} = {value!r}: {why}")
 
+        for name, kind in _SECTIONS.items():  # before any field of a section is read
+            value = getattr(self, name)
+            if not (isinstance(value, kind) or (value is None and name in _OPTIONAL_SECTIONS)):
+                fail(name, value, f"must be a {kind.__name__}{' or None' if name in _OPTIONAL_SECTIONS else ''} "
+                     f"(build one, e.g. {kind.__name__}(...), or load mappings with KVCompressionConfig.from_dict)")
         if self.schema_version != SCHEMA_VERSION:
             fail("schema_version", self.schema_version, f"this kvtrain reads schema version {SCHEMA_VERSION}")
         if (self.budget is None) == (self.compression_ratio is None):

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from kvtrain.io import check_readable_file
+
 EMBEDDED_SPLITS = ("train", "heldout")
 # Every HELDOUT_EVERY-th topic (in sorted key order) is held out: a fixed rule, so every machine and every
 # run agrees on which text was never calibrated or trained on.
@@ -62,6 +64,7 @@ def load_texts(source: str | None = None, split: str = "train", *, text_field: s
     path = Path(source).expanduser()
     # A folder is left to `datasets`, which infers a loader from the data files inside it.
     if path.suffix in LOCAL_SUFFIXES or path.is_file():
+        check_readable_file(path, "data file")
         if split != "train":
             raise ValueError(f"local file {path} has no {split!r} split; pass held-out text as its own file")
         return _load_local(path, text_field)
@@ -69,8 +72,6 @@ def load_texts(source: str | None = None, split: str = "train", *, text_field: s
 
 
 def _load_local(path: Path, text_field: str) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8")
         if not text.strip():

@@ -8,9 +8,10 @@ first rank prints, so a bad flag is said once, not once per process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 DEBUG_ENV = "KVTRAIN_DEBUG"
 USER_ERROR_EXIT = 2
@@ -39,6 +40,17 @@ def debug_requested(argv: list[str] | None = None) -> bool:
 def is_first_rank() -> bool:
     """True outside a multi-process launch, and on rank 0 inside one."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def said_once() -> Iterator[None]:
+    """Around argument parsing: argparse prints a usage error (or --help) itself before exiting, so under a
+    multi-process launch every rank but the first parses silently and the message is said once."""
+    if is_first_rank():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
+        yield
 
 
 def describe(err: BaseException) -> tuple[str, int]:

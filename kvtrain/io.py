@@ -3,23 +3,63 @@ leaves the old one in place), checked writable before the work, and owned by one
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from kvtrain.errors import OutputInUseError, UserError
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it where the kernel says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def naming_a_full_disk(path: Path) -> Iterator[None]:
+    """A full disk while writing `path` becomes a UserError naming it (the OSError of a write names no file)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        raise UserError(f"{path}: no space left on the device while writing it ({free / 2**20:.0f} MiB free there): "
+                        "free some space, or write to another folder") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling renamed into place, with the permissions `open()` would
+    give a new file (0666 less the umask; a temporary file is private until then)."""
     path = Path(path)
+    with naming_a_full_disk(path):
+        _atomic_write_bytes(path, data)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -35,6 +75,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def permissions_as_created(paths: Iterable[Path]) -> None:
+    """Give files and folders this job just wrote the permissions mkdir and open() give under the process's umask.
+
+    Libraries that write through private temporary files of their own (safetensors, under `save_pretrained`) leave
+    their outputs readable by their owner only, whatever the umask says.
+    """
+    mask = process_umask()
+    for path in paths:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Fill a fresh temporary sibling folder with ``write(folder)``, then move it to ``target``.
 
@@ -44,8 +95,9 @@ def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any other folder
-        write(tmp)
+        with naming_a_full_disk(target):
+            write(tmp)
+        permissions_as_created([tmp, *tmp.rglob("*")])  # all new; mkdtemp made the folder private
         # os.replace cannot overwrite a non-empty folder: move the old one aside (a rename, so readers
         # never see it half deleted), then delete it.
         old = tmp.with_name(tmp.name + ".old")
@@ -56,6 +108,17 @@ def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_readable_file(path: str | Path, what: str) -> Path:
+    """`path` as a Path when it is an existing file; otherwise a UserError saying whether it is missing or a folder
+    (`what` names the flag or field it came from)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r}: is a folder; give a file")
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r}: no such file")
+    return path
 
 
 def check_writable(path: str | Path, what: str, *, folder: bool) -> None:

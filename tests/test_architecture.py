@@ -21,7 +21,7 @@ PACKAGE = Path(kvtrain.__file__).parent
 
 # Bottom to top. A module may import its own layer and those below, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("kvtrain.errors", "kvtrain.io", "kvtrain.data", "kvtrain.models"),
+    ("kvtrain.errors", "kvtrain.typecheck", "kvtrain.io", "kvtrain.data", "kvtrain.models"),
     ("kvtrain.artifacts",),
     ("kvtrain.policies", "kvtrain.lowrank", "kvtrain.quant", "kvtrain.kernels"),
     ("kvtrain.config", "kvtrain.arguments"),

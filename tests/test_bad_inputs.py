@@ -219,7 +219,7 @@ CASES = [
      "reward 'bad_inputs_nan' returned nan for completion 0"),
     ("grpo-max-steps-zero", "grpo", lambda m, f, t: grpo_args(m, t, "--max_steps", "0"), "max_steps=0"),
     ("grpo-completion-beyond-positions", "grpo", lambda m, f, t: grpo_args(m, t, "--max_completion_length", "2000"),
-     "+ max_completion_length = "),
+     "max_completion_length = 2000 tokens exceeds"),
     ("grpo-model-typo", "grpo", lambda m, f, t: grpo_args("./no/such/model", t), "./no/such/model"),
 ]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvtrain.data import embedded_text, load_texts, token_blocks
+from kvtrain.errors import UserError
 from kvtrain.models import tiny_tokenizer
 
 
@@ -50,7 +51,7 @@ def test_txt_file_is_one_document(tmp_path: Path) -> None:
 
 def test_txt_errors(tmp_path: Path) -> None:
     missing = tmp_path / "missing.txt"
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(UserError, match="missing.txt.*no such file"):
         load_texts(str(missing))
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -99,7 +100,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path: Path) -> None:
     _write_jsonl(path, [["a list"]])
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected a JSON object"):
         load_texts(str(path))
-    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+    with pytest.raises(UserError, match="nowhere.jsonl.*no such file"):
         load_texts(str(tmp_path / "nowhere.jsonl"))
 
 

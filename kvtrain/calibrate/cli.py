@@ -6,13 +6,15 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from kvtrain.artifacts.projections import METHODS
-from kvtrain.calibrate.run import DEFAULT_FITS, FITS, CalibrationSettings, calibrate
 from kvtrain.io import check_writable
-from kvtrain.models import load_model
+
+# Listed by `kvtrain --help` without importing the calibration machinery.
+CALIBRATE_HELP = "fit KQ-SVD projections, query statistics, head budgets, a TaDA bit plan, a SALS basis"
 
 
 def _fit_list(text: str) -> list[str]:
+    from kvtrain.calibrate.run import FITS
+
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = sorted(set(names) - set(FITS))
     if unknown or not names:
@@ -22,9 +24,12 @@ def _fit_list(text: str) -> list[str]:
 
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``calibrate`` to ``subparsers`` (from `argparse.ArgumentParser.add_subparsers`)."""
+    from kvtrain.artifacts.projections import METHODS
+    from kvtrain.calibrate.run import DEFAULT_FITS, FITS, CalibrationSettings
+
     defaults = CalibrationSettings()
     p = subparsers.add_parser(
-        "calibrate", help="fit KQ-SVD projections, query statistics, head budgets, a TaDA bit plan, a SALS basis",
+        "calibrate", help=CALIBRATE_HELP,
         description="Writes OUT/kv_compression/{config.json, projections.safetensors, query_stats.safetensors, "
         "head_budgets.json, quant_plan.json, sals_basis.safetensors (--fit sals)}; an interrupted run resumes "
         "from its last checkpoint.",
@@ -61,8 +66,13 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    from kvtrain.calibrate.run import CalibrationSettings, calibrate
+    from kvtrain.models import load_model
+    from kvtrain.models.loading import load_config
+
     check_writable(args.out, "--out", folder=True)
     settings = CalibrationSettings(**{f.name: getattr(args, f.name) for f in fields(CalibrationSettings)})
+    settings.check_model(load_config(args.model)[1], tuple(args.fit))
     model, tokenizer = load_model(args.model)
     folder = calibrate(model, tokenizer, out_dir=args.out, data=args.data, split=args.split, fit=args.fit,
                        settings=settings, resume=args.resume, progress=args.progress)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from kvtrain.artifacts import calibration as art
 from kvtrain.artifacts.head_budgets import HEAD_BUDGETS, write_head_budgets
 from kvtrain.artifacts.projections import METHODS, PROJECTIONS, write_projections
-from kvtrain.artifacts.quant_plan import QUANT_PLAN, Budget, write_quant_plan
+from kvtrain.artifacts.quant_plan import CANDIDATE_BITS, QUANT_PLAN, Budget, write_quant_plan
 from kvtrain.artifacts.query_stats import QUERY_STATS, save_query_stats
 from kvtrain.artifacts.sals_basis import SALS_BASIS, write_sals_basis
 from kvtrain.calibrate.fit import (
@@ -43,9 +43,11 @@ from kvtrain.data import load_texts, token_blocks
 from kvtrain.errors import UserError
 from kvtrain.io import atomic_write_bytes, atomic_write_text
 from kvtrain.models.rope import model_rope
+from kvtrain.models.limits import check_sequence
 from kvtrain.models.shape import ModelShape, model_fingerprint
 from kvtrain.quant import plan_bits
 from kvtrain.runtime.routing import observe_attention
+from kvtrain.typecheck import check_fields, limits
 
 FITS = ("kqsvd", "query-stats", "head-budgets", "tada", "sals")
 # SALS is a cache mode of its own (instead of KQ-SVD keys), so its basis is fitted only when asked for.
@@ -60,38 +62,60 @@ _GROUPS = {"kqsvd": "grams", "query-stats": "query_stats", "head-budgets": "head
 class CalibrationSettings:
     """Every hyperparameter of a calibration run (all recorded in ``config.json``)."""
 
-    num_blocks: int = 16
-    block_len: int = 512
-    method: str = "kqsvd"  # kqsvd | ksvd | eigen
-    rank: int | None = None  # uniform key rank; else rank_budget; else energy_eps
-    rank_budget: int | None = None  # total key rank over layers (global allocator)
+    num_blocks: int = field(default=16, metadata=limits(minimum=1))
+    block_len: int = field(default=512, metadata=limits(minimum=1))
+    method: str = field(default="kqsvd", metadata=limits(choices=METHODS))
+    # uniform key rank; else rank_budget; else energy_eps
+    rank: int | None = field(default=None, metadata=limits(minimum=1))
+    # total key rank over layers (global allocator)
+    rank_budget: int | None = field(default=None, metadata=limits(minimum=1))
     energy_eps: float = 0.1
-    value_rank: int | None = None
-    value_rank_budget: int | None = None
-    n_sink: int = 4  # leading tokens of each block left out of the query statistics
-    head_budget: int = 512  # mean tokens per layer the head budgets redistribute
-    head_floor: float = 0.25  # every layer keeps at least this fraction of head_budget
-    head_beta: float = 0.5  # importance = beta * copy + (1 - beta) * spread
-    head_entropy_stride: int = 4  # spread is averaged over every k-th query (t = k, 2k, ...)
-    tada_budget: float = 4.0  # average bits over layers
-    tada_blocks: int = 2  # calibration blocks used by the sensitivity pass
-    tada_group_size: int = 32
-    tada_residual_length: int = 128
-    checkpoint_every: int = 4
+    value_rank: int | None = field(default=None, metadata=limits(minimum=1))
+    value_rank_budget: int | None = field(default=None, metadata=limits(minimum=1))
+    # leading tokens of each block left out of the query statistics
+    n_sink: int = field(default=4, metadata=limits(minimum=0))
+    # mean tokens per layer the head budgets redistribute
+    head_budget: int = field(default=512, metadata=limits(minimum=1))
+    # every layer keeps at least this fraction of head_budget
+    head_floor: float = field(default=0.25, metadata=limits(minimum=0.0, maximum=1.0))
+    # importance = beta * copy + (1 - beta) * spread
+    head_beta: float = field(default=0.5, metadata=limits(minimum=0.0, maximum=1.0))
+    # spread is averaged over every k-th query (t = k, 2k, ...)
+    head_entropy_stride: int = field(default=4, metadata=limits(minimum=1))
+    # average bits over layers (at least the fewest bits a layer can have)
+    tada_budget: float = field(default=4.0, metadata=limits(minimum=min(CANDIDATE_BITS)))
+    tada_blocks: int = field(default=2, metadata=limits(minimum=1))  # calibration blocks of the sensitivity pass
+    tada_group_size: int = field(default=32, metadata=limits(minimum=1))
+    tada_residual_length: int = field(default=128, metadata=limits(minimum=0))
+    checkpoint_every: int = field(default=4, metadata=limits(minimum=1))
 
     def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_len", "head_budget", "head_entropy_stride", "tada_blocks",
-                     "tada_group_size", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        check_fields(self)
         if self.tada_blocks > self.num_blocks:
             raise ValueError(f"tada_blocks={self.tada_blocks} exceeds num_blocks={self.num_blocks}")
-        if not self.tada_budget > 0:
-            raise ValueError(f"tada_budget={self.tada_budget} must be positive (average bits)")
         self.key_choice(), self.value_choice()
+
+    def check_model(self, config, fits: tuple[str, ...]) -> None:
+        """What only the model's config.json decides (before any weight or text loads): the blocks within its
+        positions and memory, TaDA groups dividing its head dimension, explicit ranks within it."""
+        check_sequence(config, self.block_len, "block_len (--block-len)")
+        shape = ModelShape.of(config)
+        if "tada" in fits and shape.head_dim % self.tada_group_size:
+            raise UserError(f"tada_group_size={self.tada_group_size} (--tada-group-size): must divide the model's "
+                            f"head dimension, {shape.head_dim}")
+        if "kqsvd" not in fits:
+            return
+        for name in ("rank", "value_rank"):
+            rank = getattr(self, name)
+            if rank is not None and rank > shape.head_dim:
+                raise UserError(f"{name}={rank} (--{name.replace('_', '-')}): a rank per KV head is at most the "
+                                f"model's head dimension, {shape.head_dim}")
+        for name in ("rank_budget", "value_rank_budget"):
+            budget = getattr(self, name)
+            if budget is not None and not shape.num_layers <= budget <= shape.num_layers * shape.head_dim:
+                raise UserError(f"{name}={budget} (--{name.replace('_', '-')}): a total over the "
+                                f"{shape.num_layers} layers in [{shape.num_layers}, {shape.num_layers * shape.head_dim}] "
+                                f"(one to head_dim={shape.head_dim} per layer)")
 
     def key_choice(self) -> RankChoice:
         return RankChoice(self.rank, self.rank_budget, self.energy_eps)
@@ -201,6 +225,7 @@ def calibrate(
     """
     settings = CalibrationSettings(**{**asdict(settings or CalibrationSettings()), **overrides})
     fits = _check_fits(fit)
+    settings.check_model(model.config, fits)
     shape = ModelShape.of(model)
     folder = Path(out_dir) / art.ARTIFACT_DIR
     blocks = token_blocks(tokenizer, load_texts(data, split), settings.block_len, settings.num_blocks)

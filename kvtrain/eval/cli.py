@@ -23,18 +23,18 @@ def _compression_given(args: argparse.Namespace) -> bool:
 
 def cmd_suite(args: argparse.Namespace) -> None:
     from kvtrain.arguments import KVCompressionArguments, parse_key_values
-    from kvtrain.eval.loading import load_for_eval
+    from kvtrain.eval.loading import check_suite_limits, load_for_eval
     from kvtrain.eval.report import print_table
     from kvtrain.eval.suites import get_suite, quality_ratio, relative_metrics
     from kvtrain.io import atomic_write_text
 
     suite = get_suite(args.suite)
     options = suite.parse_options(parse_key_values(args.set, "--set"), "--set")
+    requested = KVCompressionArguments.from_namespace(args).to_config()  # checked before anything loads
+    check_suite_limits(suite, options, args.model, "--set")
     model, tokenizer, trained_config = load_for_eval(args.model)
-    if trained_config is not None and not _compression_given(args):
-        config = trained_config  # a checkpoint is evaluated under the compression it was trained for
-    else:
-        config = KVCompressionArguments.from_namespace(args).to_config()
+    # A checkpoint is evaluated under the compression it was trained for, unless flags say otherwise.
+    config = trained_config if trained_config is not None and not _compression_given(args) else requested
     result = suite.run(model, tokenizer, config, options, progress=True)
     rows = [{"cache": "compressed", **result.metrics}]
     output = {"model": args.model, "suite": args.suite, "config": config.to_dict(), "options": vars(options),

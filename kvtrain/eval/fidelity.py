@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvtrain.arguments import positive_int
 from kvtrain.artifacts.calibration import load_artifacts
 from kvtrain.artifacts.projections import METHODS, LowRankPair
 from kvtrain.calibrate.fit import fit_projections, o_proj_weights
@@ -36,6 +37,8 @@ from kvtrain.eval.report import print_table
 from kvtrain.io import atomic_write_text, check_writable
 from kvtrain.lowrank import project_cache, project_queries
 from kvtrain.models import load_model
+from kvtrain.models.limits import check_sequence
+from kvtrain.models.loading import load_config
 from kvtrain.quant import fake_quantize
 from kvtrain.runtime.routing import observe_attention
 
@@ -192,20 +195,20 @@ def add_fidelity_parser(subparsers) -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--artifacts", type=Path, help="a `kvtrain calibrate` output folder")
     source.add_argument("--method", choices=METHODS, help="fit this method on --calib-data first")
-    p.add_argument("--rank", type=int, help="key rank (with --method; truncates artifacts' projections)")
-    p.add_argument("--value-rank", type=int, help="value rank (default: --rank)")
+    p.add_argument("--rank", type=positive_int, help="key rank (with --method; truncates artifacts' projections)")
+    p.add_argument("--value-rank", type=positive_int, help="value rank (default: --rank)")
     p.add_argument("--no-lowrank-values", dest="lowrank_values", action="store_false",
                    help="keep values full rank")
     p.add_argument("--calib-data", default=None)
     p.add_argument("--calib-split", default="train")
-    p.add_argument("--calib-blocks", type=int, default=16)
+    p.add_argument("--calib-blocks", type=positive_int, default=16)
     p.add_argument("--data", default=None, help="held-out text ('embedded' default)")
     p.add_argument("--split", default="heldout")
-    p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--block-len", type=int, default=512)
+    p.add_argument("--blocks", type=positive_int, default=4)
+    p.add_argument("--block-len", type=positive_int, default=512)
     p.add_argument("--key-bits", type=int, choices=(2, 4, 8))
     p.add_argument("--value-bits", type=int, choices=(2, 4, 8))
-    p.add_argument("--group-size", type=int, help="TaDA group (default: one group per stored head vector)")
+    p.add_argument("--group-size", type=positive_int, help="TaDA group (default: one group per stored head vector)")
     p.add_argument("--out", type=Path, help="write the rows as JSON")
     p.set_defaults(func=cmd_eval_fidelity)
     return p
@@ -244,6 +247,8 @@ def _variant_from_args(args: argparse.Namespace, model, tokenizer) -> FidelityVa
 def cmd_eval_fidelity(args: argparse.Namespace) -> None:
     if args.out:
         check_writable(args.out, "--out", folder=False)
+    _, config = load_config(args.model)
+    check_sequence(config, args.block_len, "--block-len")
     model, tokenizer = load_model(args.model)
     variant = _variant_from_args(args, model, tokenizer)
     blocks = token_blocks(tokenizer, load_texts(args.data, args.split), args.block_len, args.blocks)

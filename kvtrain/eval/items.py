@@ -18,7 +18,7 @@ from typing import Any
 
 from kvtrain.config import ConfigError
 from kvtrain.eval.checkers import get_checker, run_checker
-from kvtrain.io import atomic_write_text
+from kvtrain.io import atomic_write_text, check_readable_file
 
 
 @dataclass
@@ -108,9 +108,7 @@ def write_items(path: str | Path, items: list[EvalItem]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+    path = check_readable_file(path, "JSONL file")
     records = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -123,7 +121,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def read_items(path: str | Path) -> list[EvalItem]:
-    return [EvalItem.from_dict(r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
+    """The items of a JSONL file (`kvtrain eval export`); a file without any is an error, not a zero score."""
+    items = [EvalItem.from_dict(r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
+    if not items:
+        raise ConfigError(f"{path}: no items (the file is empty); write them with `kvtrain eval export`")
+    return items
 
 
 def score_responses(items: list[EvalItem], responses: dict[str, str]) -> list[dict[str, Any]]:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvtrain.artifacts.checkpoint import read_training_metadata
 from kvtrain.config import ConfigError, KVCompressionConfig
 from kvtrain.models import load_model
+from kvtrain.models.limits import check_sequence
+from kvtrain.models.loading import load_config
 from kvtrain.runtime.pretrained import load_compressed
 
 CHECKPOINT_CONFIG = Path("kv_compression") / "compression.json"
@@ -46,6 +49,30 @@ def load_for_eval(source: str):
         return model, tokenizer, config
     model, tokenizer = load_model(source)
     return model, tokenizer, None
+
+
+def model_config(source: str):
+    """The transformers config of what `load_for_eval` loads, from config.json alone (no weights): for a LoRA
+    checkpoint, its base model's."""
+    if is_checkpoint(source):
+        path = check_checkpoint(source)
+        if not (path / "config.json").is_file():  # an adapter: the positions are its base model's
+            base = read_training_metadata(path).get("base_model")
+            if not isinstance(base, str) or not base:
+                raise ConfigError(f"{path / TRAINING_METADATA}: field 'base_model' = {base!r}: a LoRA checkpoint "
+                                  "must name its base model")
+            return load_config(base)[1]
+        source = str(path)
+    return load_config(source)[1]
+
+
+def check_suite_limits(suite, options, source: str, where: str) -> None:
+    """Refuse, from config.json before the weights load, a run of `suite` with `options` on `source` whose longest
+    sequence exceeds the model's positions or the machine's memory; `where` names the options' origin."""
+    longest = suite.longest_sequence(options)
+    if longest is not None:
+        tokens, what = longest
+        check_sequence(model_config(source), tokens, f"{where} {what}", batch=getattr(options, "batch_size", 1))
 
 
 def checkpoint_config(source: str | Path):

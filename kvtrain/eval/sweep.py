@@ -33,7 +33,7 @@ import yaml
 
 from kvtrain.config import ConfigError, KVCompressionConfig
 from kvtrain.eval.items import read_jsonl
-from kvtrain.eval.loading import check_checkpoint, checkpoint_config, load_for_eval
+from kvtrain.eval.loading import check_checkpoint, check_suite_limits, checkpoint_config, load_for_eval
 from kvtrain.eval.presets import NEEDS_ARTIFACTS, PRESETS, fill_artifacts, merge
 from kvtrain.eval.report import provenance
 from kvtrain.eval.suites import get_suite
@@ -208,6 +208,13 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, progress: bool = True, 
 
     out = Path(out)
     cells = load_grid(grid_path)
+    checked = set()
+    for cell in cells:  # each model's suite options against its positions and the memory, before any model loads
+        key = (cell.source, cell.suite, json.dumps(cell.options, sort_keys=True))
+        if key not in checked:
+            checked.add(key)
+            suite = get_suite(cell.suite)
+            check_suite_limits(suite, suite.parse_options(cell.options), cell.source, f"{grid_path}: suites.{cell.suite}:")
     done = _done(read_results(out), cells, out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / PROVENANCE).is_file():  # the code and machine of the first session; resumes keep it

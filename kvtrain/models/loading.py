@@ -12,10 +12,11 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from kvtrain.errors import UserError
-from kvtrain.models.embedded import EMBEDDED_MODELS, prepare_model
+from kvtrain.models.embedded import EMBEDDED_MODELS, embedded_model_dir, prepare_model
 from kvtrain.models.shape import check_supported
 
 # How long to wait for the Hub before saying it cannot be reached (transformers would retry for ~35 s).
@@ -30,9 +31,10 @@ def resolve_model(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path)
+    if path.exists():  # a local file, however it is written: never looked up on the Hub
+        raise UserError(f"{name_or_path}: a local file, not a directory (a model is a folder with config.json and "
+                        "weights)")
     if _looks_like_a_path(name_or_path):
-        if path.exists():
-            raise UserError(f"{name_or_path}: not a directory (a model is a folder with config.json and weights)")
         raise UserError(f"{name_or_path}: no such directory (a local model folder was expected; embedded models: "
                         f"{', '.join(EMBEDDED_MODELS)}; or a Hub id such as org/name)")
     try:
@@ -62,6 +64,15 @@ def _looks_like_a_path(name: str) -> bool:
         return True
     head = name.split("/")[0]
     return "/" in name and Path(head).is_dir()
+
+
+def _how_to_restore(source: str) -> str:
+    """What to do about a damaged model folder: an embedded model is rebuilt by kvtrain, anything else is copied,
+    saved or downloaded again by whoever made it."""
+    for name in EMBEDDED_MODELS:
+        if Path(source).resolve() == embedded_model_dir(name).resolve():
+            return f"rebuild it with `kvtrain prepare-model --force {name}`"
+    return "copy, save or download the model into that folder again"
 
 
 def _hub_unreachable() -> str | None:
@@ -112,9 +123,13 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     placement = {} if quantization_config is None else {"quantization_config": quantization_config,
                                                         "device_map": {"": torch.device(device)}}
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, dtype=dtype, attn_implementation=attn_implementation, **placement
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=dtype, attn_implementation=attn_implementation, **placement
+        )
+    except SafetensorError as err:
+        raise UserError(f"{source}: the model weights cannot be read ({err}): the file is truncated or damaged; "
+                        f"{_how_to_restore(source)}") from None
     if quantization_config is None:  # bitsandbytes places the weights itself and refuses `.to`
         model.to(device)
     model.eval()

@@ -9,7 +9,6 @@ and returns whatever per-token history it wants carried to the next event.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kvtrain.models.rope import RopeFn, default_rope
+from kvtrain.typecheck import type_error
 
 
 @dataclass
@@ -114,23 +114,7 @@ class Scorer:
     def param_type_error(cls, name: str, value: object) -> str | None:
         """What parameter `name` must be when `value` does not fit its annotation (None when it does): a config
         is checked when it is loaded, not when the scorer first runs."""
-        hint = typing.get_type_hints(cls)[name]
-        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        if any(_fits(value, kind) for kind in allowed):
-            return None
-        return " or ".join(_TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-
-
-def _fits(value: object, kind: object) -> bool:
-    """isinstance, except that a bool is neither an int nor a float and an int is a float."""
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind) if isinstance(kind, type) else True
+        return type_error(value, typing.get_type_hints(cls)[name])
 
 
 SCORERS: dict[str, type[Scorer]] = {}

@@ -212,6 +212,10 @@ class CompressedCache(Cache):
     @classmethod
     def for_model(cls, model, config: KVCompressionConfig, *, record: bool = False,
                   projections: LayerPairs | None = None) -> "CompressedCache":
+        if not isinstance(config, KVCompressionConfig):
+            raise TypeError(f"CompressedCache.for_model: config must be a KVCompressionConfig, not "
+                            f"{type(config).__name__} {config!r} (e.g. KVCompressionConfig(budget=64, "
+                            "scorer=ScorerConfig('snapkv')), or KVCompressionConfig.load(path))")
         check_supported(model.config)
         use_kvtrain_attention(model)
         return cls(config, model.config, record=record, model=model, projections=projections)

@@ -29,6 +29,7 @@ from kvtrain.artifacts.checkpoint import (
     read_training_metadata,
 )
 from kvtrain.config import KVCompressionConfig
+from kvtrain.errors import UserError
 from kvtrain.models import EMBEDDED_MODELS, check_fingerprint, load_model, model_fingerprint
 from kvtrain.runtime.cache import CompressedCache
 
@@ -116,6 +117,8 @@ class CompressedModel:
 
     def generate_text(self, prompt: str, *, chat: bool = False, max_new_tokens: int = 64, **kwargs) -> str:
         """The greedy continuation of `prompt` (with the chat template when `chat`), decoded."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"generate_text: prompt={prompt!r}: give a non-empty text to continue")
         if chat:
             prompt = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -154,6 +157,9 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None,
         if revision is not None:
             raise ValueError(f"{name}: a local folder has no revision (revision={revision!r} is for Hub repo ids)")
         return local
+    if local.exists():
+        raise UserError(f"{name}: a local file, not a checkpoint folder (give the folder that holds the weights and "
+                        "kv_compression/, or a Hub repo id ORG/NAME)")
     if isinstance(path_or_repo_id, Path) or is_local_path(name):
         raise ValueError(f"{name}: no such checkpoint folder")
     from huggingface_hub import constants, snapshot_download

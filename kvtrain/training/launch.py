@@ -15,10 +15,10 @@ import torch
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
-from kvtrain.errors import UserError
+from kvtrain.errors import UserError, said_once
 from kvtrain.io import OutputLock
 from kvtrain.models.loading import load_config
-from kvtrain.models.shape import check_window, sliding_windows
+from kvtrain.models.shape import check_positions, check_window, sliding_windows
 from kvtrain.training.recipe import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def parse_recipe_args(argument_types: tuple[type, ...], argv: list[str] | None =
         if isinstance(accelerator_config, dict):
             defaults["accelerator_config"] = {**accelerator_config, "use_configured_state": True}
     parser.set_defaults_with_config(**defaults)
-    parsed = parser.parse_args_into_dataclasses(args=args)
+    with said_once():
+        parsed = parser.parse_args_into_dataclasses(args=args)
     if not any(getattr(p, "model_name_or_path", None) for p in parsed):
         raise ValueError("model_name_or_path is required (in the recipe or as --model_name_or_path)")
     return tuple(parsed)
@@ -98,9 +99,10 @@ def lock_output(output_dir: str | Path, prog: str, argv: list[str] | None) -> Ou
     return lock
 
 
-def check_sliding_windows(model_args: ModelConfig, length: int, field: str, revision: str | None) -> None:
-    """Refuse, before the weights load, sequences of `length` tokens (the recipe's `field`) longer than a
-    sliding-window layer's window (see `check_window`)."""
+def check_length_before_loading(model_args: ModelConfig, length: int, field: str, revision: str | None) -> None:
+    """Refuse, from config.json before the weights load, sequences of `length` tokens (the recipe's `field`)
+    beyond the model's positions or longer than a sliding-window layer's window (see `check_window`)."""
     _, config = load_config(model_args.model_name_or_path, revision=revision)
+    check_positions(config, length, field)
     for layer, window in enumerate(sliding_windows(config)):
         check_window(window, layer, length, f"{model_args.model_name_or_path} with {field}")

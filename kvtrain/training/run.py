@@ -22,13 +22,13 @@ from trl import ModelConfig, get_peft_config
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
-from kvtrain.io import OutputLock
-from kvtrain.models import check_positions, load_model, model_fingerprint
+from kvtrain.io import OutputLock, permissions_as_created
+from kvtrain.models import load_model, model_fingerprint
 from kvtrain.runtime.routing import use_kvtrain_attention
 from kvtrain.training.arguments import DistillationArguments
 from kvtrain.training.launch import (
+    check_length_before_loading,
     check_output_dir,
-    check_sliding_windows,
     check_training_length,
     init_cpu_distributed,
     lock_output,
@@ -146,9 +146,8 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
     options = load_options(model_args)
-    check_sliding_windows(model_args, distill_args.block_len, "block_len", options["revision"])
+    check_length_before_loading(model_args, distill_args.block_len, "block_len", options["revision"])
     model, tokenizer = load_model(model_args.model_name_or_path, **options)
-    check_positions(model.config, distill_args.block_len, "block_len")
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
     if model_args.use_peft:
@@ -247,6 +246,7 @@ def save(run: Run, result) -> Path:
             },
             projections=run.projections,
         )
+        permissions_as_created(output_dir.glob("*.safetensors"))  # the weights: private as safetensors writes them
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

@@ -58,17 +58,23 @@ class Suite:
     def run(self, model, tokenizer, config, options, *, progress: bool = False) -> SuiteResult:
         raise NotImplementedError
 
-    def parse_options(self, values: dict[str, Any] | None, source: str = "options") -> Any:
+    def longest_sequence(self, options) -> tuple[int, str] | None:
+        """(tokens, the options that set them) of the longest sequence a run feeds the model, so that a length
+        beyond the model's positions or the machine's memory is refused before the weights load; None when the
+        suite's sequences are short prompts whose length only the tokenizer knows."""
+        return None
 
+    def parse_options(self, values: dict[str, Any] | None, source: str = "options") -> Any:
+        """The options from a mapping: unknown keys, wrong types and values out of range are refused naming the
+        option (`source` names where the mapping came from, e.g. ``--set``)."""
         values = dict(values or {})
-        known = {f.name: f for f in dataclasses.fields(self.Options)}
-        unknown = sorted(set(values) - set(known))
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {unknown} for suite {self.name!r}; "
                               f"its options: {sorted(known)}")
         for key, value in values.items():
-            default = getattr(self.Options(), key)
-            if isinstance(default, tuple) and isinstance(value, list):
+            if isinstance(getattr(self.Options(), key), tuple) and isinstance(value, list):
                 values[key] = tuple(value)
         try:
             return self.Options(**values)

@@ -7,7 +7,7 @@ attention output, per layer. Configurations that only evict tokens have nothing 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtrain.eval import metrics as M
 from kvtrain.eval.fidelity import FidelityVariant, evaluate_fidelity
@@ -15,12 +15,16 @@ from kvtrain.eval.suites.base import Suite, SuiteResult
 from kvtrain.eval.suites.perplexity import heldout_blocks
 from kvtrain.runtime.codecs import ChainCodec, LowRankCodec, TadaCodec
 from kvtrain.runtime.compressor import layer_codecs
+from kvtrain.typecheck import check_fields, limits
 
 
 @dataclass
 class FidelityOptions:
-    blocks: int = 2
-    block_len: int = 256
+    blocks: int = field(default=2, metadata=limits(minimum=1))
+    block_len: int = field(default=256, metadata=limits(minimum=2))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def _parts(codec):
@@ -56,6 +60,9 @@ class FidelitySuite(Suite):
     name = "fidelity"
     Options = FidelityOptions
     quality_metric = "output_fidelity"
+
+    def longest_sequence(self, options: FidelityOptions) -> tuple[int, str]:
+        return options.block_len, "block_len"
 
     def run(self, model, tokenizer, config, options: FidelityOptions, *, progress: bool = False) -> SuiteResult:
 

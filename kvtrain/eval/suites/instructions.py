@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtrain.config import KVCompressionConfig
 from kvtrain.eval import metrics as M
 from kvtrain.eval.generation import run_items, tokenize_pieces
 from kvtrain.eval.items import Check, EvalItem
 from kvtrain.eval.suites.base import Suite, SuiteResult
+from kvtrain.typecheck import check_fields, limits
 
 PREAMBLE = ("You are a helpful assistant. If you receive a valid user request, please respond while adhering to the "
             "following guidelines:\n\n")
@@ -62,21 +63,16 @@ ORDERS = ("defence_first", "defence_last")
 
 @dataclass
 class InstructionsOptions:
-    prompts: int = 3  # system prompts; each gives a task item and a leakage item
-    instructions_per_prompt: int = 3
-    orders: tuple[str, ...] = ("defence_first",)
-    fixes: tuple[str, ...] = FIXES
-    max_new_tokens: int = 48
+    prompts: int = field(default=3, metadata=limits(minimum=1))  # system prompts; each gives a task and a leakage item
+    instructions_per_prompt: int = field(default=3, metadata=limits(minimum=1, maximum=4))
+    orders: tuple[str, ...] = field(default=("defence_first",), metadata=limits(choices=ORDERS, nonempty=True))
+    fixes: tuple[str, ...] = field(default=FIXES, metadata=limits(choices=FIXES, nonempty=True))
+    max_new_tokens: int = field(default=48, metadata=limits(minimum=1))
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=limits(minimum=1))
 
     def __post_init__(self) -> None:
-        for name, values, allowed in (("fixes", self.fixes, FIXES), ("orders", self.orders, ORDERS)):
-            bad = [v for v in values if v not in allowed]
-            if bad or not values:
-                raise ValueError(f"{name} {list(values)}: choose a non-empty subset of {list(allowed)}")
-        if not 1 <= self.instructions_per_prompt <= 4:
-            raise ValueError(f"instructions_per_prompt={self.instructions_per_prompt} must be in [1, 4]")
+        check_fields(self)
 
 
 def _compatible(chosen: list[str], name: str) -> bool:
@@ -212,6 +208,9 @@ class InstructionsSuite(Suite):
 
     def build_items(self, tokenizer, options: InstructionsOptions) -> list[EvalItem]:
         return build_items(tokenizer, options)
+
+    def longest_sequence(self, options: InstructionsOptions) -> tuple[int, str]:
+        return options.max_new_tokens, "max_new_tokens (before the prompt)"
 
     def run(self, model, tokenizer, config, options: InstructionsOptions, *, progress: bool = False) -> SuiteResult:
 

@@ -14,24 +14,24 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtrain.eval.cache_bytes import cache_bytes
 from kvtrain.eval.generation import forward_step, new_cache
 from kvtrain.eval.heldout import heldout_paragraphs
 from kvtrain.eval.suites.base import Suite, SuiteResult
 from kvtrain.runtime.routing import use_kvtrain_attention
+from kvtrain.typecheck import check_fields, limits
 
 
 @dataclass
 class MemoryOptions:
-    lengths: tuple[int, ...] = (256, 512)
-    decode_steps: int = 16
+    lengths: tuple[int, ...] = field(default=(256, 512), metadata=limits(minimum=2, nonempty=True))
+    decode_steps: int = field(default=16, metadata=limits(minimum=1))
     compare_dynamic: bool = True
 
     def __post_init__(self) -> None:
-        if not self.lengths or min(self.lengths) < 2 or self.decode_steps < 1:
-            raise ValueError("lengths must be >= 2 tokens and decode_steps >= 1")
+        check_fields(self)
 
 
 def _rss_bytes() -> int:
@@ -100,6 +100,9 @@ def _timed_run(model, config, prompt, steps: int):
 class MemorySuite(Suite):
     name = "memory"
     Options = MemoryOptions
+
+    def longest_sequence(self, options: MemoryOptions) -> tuple[int, str]:
+        return max(options.lengths) + options.decode_steps, "max(lengths) + decode_steps"
 
     def run(self, model, tokenizer, config, options: MemoryOptions, *, progress: bool = False) -> SuiteResult:
 

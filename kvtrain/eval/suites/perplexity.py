@@ -10,24 +10,24 @@ step-by-step decoding by the parity tests); `loyalty` decodes through the cache 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtrain.data import token_blocks
 from kvtrain.eval import metrics as M
 from kvtrain.eval.heldout import heldout_paragraphs
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.suites.base import Suite, SuiteResult
+from kvtrain.typecheck import check_fields, limits
 
 
 @dataclass
 class PerplexityOptions:
-    blocks: int = 2
-    context_len: int = 384
-    continuation_len: int = 128
+    blocks: int = field(default=2, metadata=limits(minimum=1))
+    context_len: int = field(default=384, metadata=limits(minimum=1))
+    continuation_len: int = field(default=128, metadata=limits(minimum=1))
 
     def __post_init__(self) -> None:
-        if self.blocks < 1 or self.context_len < 1 or self.continuation_len < 1:
-            raise ValueError("blocks, context_len and continuation_len must be positive")
+        check_fields(self)
 
 
 def heldout_blocks(tokenizer, n_blocks: int, block_len: int):
@@ -42,6 +42,9 @@ class PerplexitySuite(Suite):
     quality_metric = "perplexity"
     quality_lower_is_better = True
     method = "replay"
+
+    def longest_sequence(self, options: PerplexityOptions) -> tuple[int, str]:
+        return options.context_len + options.continuation_len, "context_len + continuation_len"
 
     def run(self, model, tokenizer, config, options: PerplexityOptions, *, progress: bool = False) -> SuiteResult:
         import torch

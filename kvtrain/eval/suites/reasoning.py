@@ -12,12 +12,13 @@ Both are few-shot (two worked examples) in plain text; the numbers are seeded.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtrain.eval import metrics as M
 from kvtrain.eval.generation import run_items
 from kvtrain.eval.items import Check, EvalItem
 from kvtrain.eval.suites.base import Suite, SuiteResult
+from kvtrain.typecheck import check_fields, limits
 
 CHAIN_SHOTS = ("Q: Start at 4 and add 3, 5 times.\n"
                "A: 4 + 3 = 7. 7 + 3 = 10. 10 + 3 = 13. 13 + 3 = 16. 16 + 3 = 19. The answer is 19.\n\n"
@@ -34,11 +35,17 @@ STOP = ["\nQ:", "\n\n"]
 
 @dataclass
 class ReasoningOptions:
-    chains: int = 4
-    word_problems: int = 3
-    max_new_tokens: int | None = None  # a cap on the answer length (default: enough for every derivation)
+    chains: int = field(default=4, metadata=limits(minimum=0))
+    word_problems: int = field(default=3, metadata=limits(minimum=0))
+    # a cap on the answer length (default: enough for every derivation)
+    max_new_tokens: int | None = field(default=None, metadata=limits(minimum=1))
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=limits(minimum=1))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.chains + self.word_problems < 1:
+            raise ValueError("chains + word_problems must be at least 1: there would be no item to evaluate")
 
 
 def _chain(rng: random.Random, index: int) -> EvalItem:

@@ -16,13 +16,14 @@ paragraphs (`kvtrain.eval.heldout`), cut to `length` tokens; needles and keys ar
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtrain.eval import metrics as M
 from kvtrain.eval.generation import run_items
 from kvtrain.eval.heldout import check_not_in_training, heldout_paragraphs
 from kvtrain.eval.items import Check, EvalItem
 from kvtrain.eval.suites.base import Suite, SuiteResult
+from kvtrain.typecheck import check_fields, limits
 
 KINDS = ("passkey", "needle", "copy")
 INGREDIENTS = ("saffron", "cinnamon", "ginger", "nutmeg", "oregano", "paprika", "vanilla", "rosemary", "basil",
@@ -30,24 +31,23 @@ INGREDIENTS = ("saffron", "cinnamon", "ginger", "nutmeg", "oregano", "paprika", 
 COPY_CUE_TOKENS = 8  # "\n\n" and the first words of the sentence
 COPY_MAX_CUE_WORDS = 7
 COPY_ANSWER_WORDS = 8
+# Tokens generated after the cue: the first words of a key or ingredient, and a copied sentence's next words.
+ANSWER_TOKENS = 8
+COPY_TOKENS = 20
 
 
 @dataclass
 class RetrievalOptions:
-    lengths: tuple[int, ...] = (256, 512)  # tokens of the whole prompt
-    depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # where the needle (or copied sentence) sits in the haystack
-    kinds: tuple[str, ...] = KINDS
+    # tokens of the whole prompt
+    lengths: tuple[int, ...] = field(default=(256, 512), metadata=limits(minimum=64, nonempty=True))
+    # where the needle (or copied sentence) sits in the haystack
+    depths: tuple[float, ...] = field(default=(0.1, 0.5, 0.9), metadata=limits(minimum=0.0, maximum=1.0, nonempty=True))
+    kinds: tuple[str, ...] = field(default=KINDS, metadata=limits(choices=KINDS, nonempty=True))
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=limits(minimum=1))
 
     def __post_init__(self) -> None:
-        bad = [k for k in self.kinds if k not in KINDS]
-        if bad:
-            raise ValueError(f"kinds {bad}: choose from {list(KINDS)}")
-        if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths {list(self.depths)} must lie in [0, 1]")
-        if any(length < 64 for length in self.lengths):
-            raise ValueError(f"lengths {list(self.lengths)} must be >= 64 tokens")
+        check_fields(self)
 
 
 def _filler_words(offset: int) -> list[str]:
@@ -95,7 +95,7 @@ def _needle_item(tokenizer, kind: str, length: int, depth: float, index: int, se
     return EvalItem(
         id=f"{kind}-L{length}-d{depth:g}", suite="retrieval",
         pieces=[("haystack", build(n)), ("cue", cue)], prefill_pieces=1,
-        checks=[Check("answer", checker, answer)], max_new_tokens=8, stop=["\n"],
+        checks=[Check("answer", checker, answer)], max_new_tokens=ANSWER_TOKENS, stop=["\n"],
         meta={"kind": kind, "length": length, "depth": depth},
     )
 
@@ -133,7 +133,7 @@ def _copy_items(tokenizer, length: int, depths: tuple[float, ...], seed: int) ->
             id=f"copy-L{length}-d{depth:g}", suite="retrieval",
             pieces=[("haystack", " ".join(words[:n])), ("cue", cue)], prefill_pieces=1,
             checks=[Check("answer", "verbatim_prefix", " ".join(words[after : after + COPY_ANSWER_WORDS]))],
-            max_new_tokens=20, stop=["\n"], meta={"kind": "copy", "length": length, "depth": round(start / n, 3)},
+            max_new_tokens=COPY_TOKENS, stop=["\n"], meta={"kind": "copy", "length": length, "depth": round(start / n, 3)},
         ))
     return items
 
@@ -158,6 +158,10 @@ class RetrievalSuite(Suite):
                     items.append(_needle_item(tokenizer, kind, length, depth, i, options.seed))
         check_not_in_training([item.pieces[0][1] for item in items], "retrieval haystack")
         return items
+
+    def longest_sequence(self, options: RetrievalOptions) -> tuple[int, str]:
+        answer = max(ANSWER_TOKENS, COPY_TOKENS)
+        return max(options.lengths) + answer, f"max(lengths) + {answer} answer tokens"
 
     def run(self, model, tokenizer, config, options: RetrievalOptions, *, progress: bool = False) -> SuiteResult:
 

@@ -22,7 +22,7 @@ from trl import GRPOConfig, ModelConfig, get_peft_config
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.errors import UserError
-from kvtrain.io import OutputLock
+from kvtrain.io import OutputLock, permissions_as_created
 from kvtrain.models import check_positions, load_model, model_fingerprint
 from kvtrain.models.shape import check_window, sliding_windows
 from kvtrain.runtime.routing import use_kvtrain_attention
@@ -31,8 +31,8 @@ from kvtrain.training.grpo.rewards import build_rewards
 from kvtrain.training.grpo.tasks import TRAIN, TaskItem, gsm8k_items, task_items
 from kvtrain.training.grpo.trainer import CompressedGRPOTrainer
 from kvtrain.training.launch import (
+    check_length_before_loading,
     check_output_dir,
-    check_sliding_windows,
     check_training_length,
     init_cpu_distributed,
     lock_output,
@@ -136,7 +136,7 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
 
     options = load_options(model_args)
     # The prompts' length is known once the tokenizer is: the completions alone are checked before the weights load.
-    check_sliding_windows(model_args, config.max_completion_length, "max_completion_length", options["revision"])
+    check_length_before_loading(model_args, config.max_completion_length, "max_completion_length", options["revision"])
     model, tokenizer = load_model(model_args.model_name_or_path, **options)
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
@@ -201,6 +201,7 @@ def save(run: GRPORun, result) -> Path:
                 "metrics": {"train": result.metrics, "log_history": trainer.state.log_history},
             },
         )
+        permissions_as_created(output_dir.glob("*.safetensors"))  # the weights: private as safetensors writes them
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
