@@ -1,8 +1,10 @@
 """Built-in verifiable tasks for GRPO, generated deterministically from a seed, and GSM8K-style data files.
 
 Every item is a prompt, a reference and the checker (with its parameters) that scores a response to it, the
-columns the ``task`` reward reads (`kvtrain.training.grpo.rewards`). Built-in tasks draw training items and
-held-out items from disjoint seed streams, so an evaluation on held-out items never sees a training prompt:
+columns the ``task`` reward reads (`kvtrain.training.grpo.rewards`). A built-in item belongs to one split by its
+prompt's content (`split_of`: a hash of the text), and each split keeps only its own prompts from its seed stream,
+so an evaluation on held-out items never sees a training prompt, whatever the seeds, counts and parameters (seed
+streams alone do not do that: a task with few distinct prompts repeats them in both):
 
 * ``passkey``: a 5-digit pass key hidden at a random depth in filler sentences, asked for at the end
   (checker ``first_number``). Long filler makes it a retrieval from a compressed context.
@@ -20,6 +22,7 @@ Task parameters (`task_param KEY=VALUE`): passkey ``filler`` (sentences, default
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -29,6 +32,11 @@ from typing import Any
 TRAIN, HELDOUT = "train", "heldout"
 # Held-out items come from another seed stream than training items of the same seed.
 _HELDOUT_SALT = 1_000_003
+# One prompt in HELDOUT_EVERY (by its hash) is held out.
+HELDOUT_EVERY = 5
+# Draws per requested item before a split is declared too small for the request (the smallest built-in split,
+# format's held-out prompts, needs ~5 draws per item).
+_MAX_DRAWS_PER_ITEM = 200
 
 FILLER = (
     "The grass is green.",
@@ -50,6 +58,22 @@ QUESTIONS = (
     "What season comes after winter?",
     "Name a planet of the solar system.",
     "What do you use to write on paper?",
+    "Name a vegetable.",
+    "What is frozen water called?",
+    "Name a bird that cannot fly.",
+    "What do cows drink?",
+    "Name a color of the rainbow.",
+    "What is the opposite of cold?",
+    "Name a tool used to cut wood.",
+    "How many legs does a spider have?",
+    "Name a country in Europe.",
+    "What do plants need from the sun?",
+    "Name something you wear on your feet.",
+    "What is the capital of France?",
+    "Name a sport played with a ball.",
+    "What shape has three sides?",
+    "Name a month with thirty days.",
+    "What do you call a baby cat?",
 )
 
 
@@ -122,10 +146,26 @@ def task_items(task: str, count: int, *, seed: int, split: str = TRAIN, params: 
     if split not in (TRAIN, HELDOUT):
         raise ValueError(f"split={split!r} must be {TRAIN!r} or {HELDOUT!r}")
     rng = random.Random(seed + (_HELDOUT_SALT if split == HELDOUT else 0))
-    try:
-        return [TASKS[task](rng, **(params or {})) for _ in range(count)]
-    except TypeError as err:
-        raise ValueError(f"task {task!r}: bad task_param {sorted(params or {})} ({err})") from None
+    items: list[TaskItem] = []
+    for _ in range(count * _MAX_DRAWS_PER_ITEM):
+        if len(items) == count:
+            return items
+        try:
+            item = TASKS[task](rng, **(params or {}))
+        except TypeError as err:
+            raise ValueError(f"task {task!r}: bad task_param {sorted(params or {})} ({err})") from None
+        if split_of(item.prompt) == split:
+            items.append(item)
+    if len(items) == count:
+        return items
+    raise ValueError(f"task {task!r} with task_param {params or {}}: its {split} split has too few distinct prompts "
+                     f"for {count} items (found {len(items)} in {count * _MAX_DRAWS_PER_ITEM} draws)")
+
+
+def split_of(prompt: str) -> str:
+    """The split a built-in prompt belongs to, from its text alone: the same on every machine and in every run."""
+    bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % HELDOUT_EVERY
+    return HELDOUT if bucket == 0 else TRAIN
 
 
 def gsm8k_item(record: dict[str, Any], where: str) -> TaskItem:
