@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig
-from kvtrain.data import load_texts, token_blocks
+from kvtrain.eval.heldout import heldout_blocks
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, print_table
 from kvtrain.io import atomic_write_text
@@ -63,7 +63,7 @@ def run_quickstart(settings: QuickstartSettings) -> Path:
     KVCompressionConfig(budget=RECIPE_BUDGET, layer_budgets=str(artifacts / "head_budgets.json")).save(compression_file)
     timings["calibrate"] = time.perf_counter() - start
 
-    held_out = token_blocks(tokenizer, load_texts(None, split="heldout"), settings.block_len, n_blocks=settings.eval_blocks)
+    held_out = heldout_blocks(tokenizer, None, "heldout", settings.block_len, settings.eval_blocks)
 
     def reference(ids):  # the original model with its full cache
         return base(input_ids=ids).logits

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kvtrain.calibrate.run import calibrate
 from kvtrain.config import KVCompressionConfig
-from kvtrain.data import load_texts, token_blocks
+from kvtrain.eval.heldout import heldout_blocks
 from kvtrain.eval.loyalty import evaluate_loyalty
 from kvtrain.eval.report import markdown_table, provenance, provenance_lines
 from kvtrain.io import atomic_write_text
@@ -83,7 +83,7 @@ def main() -> None:
             arms["kqsvd-rank16"] = (kqsvd, "kqsvd.yaml", ["--train_projections", "true"])
         if "kqsvd-rank16-frozen" in args.arms:
             arms["kqsvd-rank16-frozen"] = (kqsvd, "kqsvd.yaml", ["--train_projections", "false"])
-    held_out = token_blocks(tokenizer, load_texts(None, split="heldout"), BLOCK, n_blocks=args.eval_blocks)
+    held_out = heldout_blocks(tokenizer, None, "heldout", BLOCK, args.eval_blocks)
 
     def reference(ids):  # the original model with a full cache (training never touches `base`)
         return base(input_ids=ids).logits

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 
-from kvtrain.data import load_texts
+from kvtrain.data import load_texts, token_blocks
 
 NGRAM = 13  # words: long enough that a shared run is copied text, not a common phrase
 
@@ -59,3 +59,19 @@ def heldout_paragraphs(min_words: int = 20) -> tuple[str, ...]:
                 if not seen_in_training(paragraph):
                     out.append(paragraph)
     return tuple(out)
+
+
+def evaluation_texts(source: str | None, split: str, *, text_field: str = "text") -> list[str]:
+    """The documents a held-out measurement (loyalty, perplexity) reads. For the embedded text's held-out split: its
+    filtered paragraphs (`heldout_paragraphs`) as one document, so that nothing measured repeats a run of the
+    training split; any other source and split as `load_texts` reads them (their owner decides what is held out)."""
+    if source in (None, "embedded") and split == "heldout":
+        return ["\n\n".join(heldout_paragraphs())]
+    return load_texts(source, split, text_field=text_field)
+
+
+def heldout_blocks(tokenizer, source: str | None, split: str, block_len: int, n_blocks: int, *,
+                   text_field: str = "text"):
+    """`n_blocks` token blocks [n, block_len] of `evaluation_texts` (what the quickstart, distillation's loyalty and
+    the benchmarks measure on)."""
+    return token_blocks(tokenizer, evaluation_texts(source, split, text_field=text_field), block_len, n_blocks)

@@ -22,6 +22,7 @@ from trl import ModelConfig, get_peft_config
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
+from kvtrain.eval.heldout import heldout_blocks
 from kvtrain.io import OutputLock, permissions_as_created
 from kvtrain.models import load_model, model_fingerprint
 from kvtrain.runtime.routing import use_kvtrain_attention
@@ -168,12 +169,14 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     train_blocks = token_blocks(tokenizer, texts, distill_args.block_len, distill_args.max_blocks, distill_args.block_stride)
     loyalty_blocks = None
     if distill_args.loyalty_blocks:
-        held_out = load_texts(
+        loyalty_blocks = heldout_blocks(
+            tokenizer,
             distill_args.loyalty_dataset_name or distill_args.dataset_name,
             distill_args.loyalty_split,
+            distill_args.block_len,
+            distill_args.loyalty_blocks,
             text_field=distill_args.dataset_text_field,
         )
-        loyalty_blocks = token_blocks(tokenizer, held_out, distill_args.block_len, distill_args.loyalty_blocks)
 
     trainer = CompressionDistillationTrainer(
         model=model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvtrain.data import load_texts
-from kvtrain.eval.heldout import NGRAM, check_not_in_training, heldout_paragraphs, seen_in_training
+from kvtrain.eval.heldout import NGRAM, check_not_in_training, heldout_blocks, heldout_paragraphs, seen_in_training
 from kvtrain.eval.suites import get_suite
 
 
@@ -28,3 +28,21 @@ def test_built_in_items_hold_no_training_text(suite_name, options, tiny):
     suite = get_suite(suite_name)
     items = suite.build_items(tokenizer, suite.parse_options(options))
     check_not_in_training([item.prompt for item in items], f"{suite_name} prompt")
+
+
+def test_heldout_measurement_blocks_hold_no_training_text():
+    """The blocks the quickstart, distillation's loyalty and the distillation benchmark measure on (4 and 6 blocks of
+    512 SmolLM2 tokens from the embedded held-out split), decoded back to text: no 13-word run of the training split.
+    The unfiltered held-out split fails this check."""
+    from transformers import AutoTokenizer
+
+    from kvtrain.models.embedded import embedded_model_dir, prepare_model
+
+    prepare_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    blocks = heldout_blocks(tokenizer, None, "heldout", 512, 6)
+    assert blocks.shape == (6, 512)
+    check_not_in_training([tokenizer.decode(block) for block in blocks], "held-out block")
+    unfiltered = load_texts(None, "heldout")
+    with pytest.raises(ValueError, match="repeats"):
+        check_not_in_training(["\n\n".join(unfiltered)])
