@@ -43,11 +43,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from kvtrain.models.limits import check_sequence
     from kvtrain.models.loading import load_config
     from kvtrain.runtime.cache import CompressedCache
+    from kvtrain.runtime.compressor import bind_config
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give the text to continue")
     config = compression_config(args)
-    check_sequence(load_config(args.model)[1], args.max_new_tokens, "--max-new-tokens (before the prompt)")
+    model_config = load_config(args.model)[1]
+    check_sequence(model_config, args.max_new_tokens, "--max-new-tokens (before the prompt)")
+    bind_config(config, model_config)
     model, tokenizer = load_model(args.model)
     if args.chat and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
@@ -81,12 +84,14 @@ def cmd_eval_loyalty(args: argparse.Namespace) -> None:
     from kvtrain.models import load_model
     from kvtrain.models.limits import check_sequence
     from kvtrain.models.loading import load_config
+    from kvtrain.runtime.compressor import bind_config
 
     if args.out:
         check_writable(args.out, "--out", folder=False)
     config = compression_config(args)
-    check_sequence(load_config(args.model)[1], args.context_len + args.continuation_len,
-                   "--context-len + --continuation-len")
+    model_config = load_config(args.model)[1]
+    check_sequence(model_config, args.context_len + args.continuation_len, "--context-len + --continuation-len")
+    bind_config(config, model_config)
     texts = load_texts(args.data, split=args.split)
     model, tokenizer = load_model(args.model)
     blocks = token_blocks(tokenizer, texts, args.context_len + args.continuation_len, n_blocks=args.samples)

@@ -18,7 +18,7 @@ from typing import Any, Union
 import yaml
 
 from kvtrain.errors import UserError
-from kvtrain.io import atomic_write_text
+from kvtrain.io import atomic_write_text, parse_error_line
 from kvtrain.policies import SCORERS
 from kvtrain.policies.budgets import layer_budgets
 from kvtrain.policies.select import SELECTION_MODES
@@ -468,7 +468,7 @@ class KVCompressionConfig:
         try:
             data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
         except (yaml.YAMLError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {err}") from None
+            raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {parse_error_line(err)}") from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -197,3 +197,12 @@ class OutputLock:
         except (PermissionError, KeyError, ValueError, TypeError):
             return True
         return True
+
+
+def parse_error_line(err: Exception) -> str:
+    """A YAML or JSON parse error in one line (PyYAML's own message spans several, with carets): what went wrong
+    and where."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f"{getattr(err, 'problem', None) or err} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())

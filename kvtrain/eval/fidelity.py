@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvtrain.arguments import positive_int
-from kvtrain.artifacts.calibration import load_artifacts
+from kvtrain.artifacts.calibration import artifact_folder, load_artifacts
 from kvtrain.artifacts.projections import METHODS, LowRankPair
 from kvtrain.calibrate.fit import fit_projections, o_proj_weights
 from kvtrain.calibrate.statistics import collect_statistics
@@ -228,8 +228,6 @@ def _variant_from_args(args: argparse.Namespace, model, tokenizer) -> FidelityVa
             values = [p.truncate(min(args.value_rank, p.rank)) for p in values]
         name = f"{projections.method} (artifacts)"
     elif args.method is not None:
-        if args.rank is None:
-            raise ValueError("--method needs --rank")
         calib = token_blocks(tokenizer, load_texts(args.calib_data, args.calib_split), args.block_len, args.calib_blocks)
         stats = collect_statistics(model, calib, ("grams",), progress=True)
         layers = model.config.num_hidden_layers
@@ -237,16 +235,26 @@ def _variant_from_args(args: argparse.Namespace, model, tokenizer) -> FidelityVa
                                       [args.rank] * layers, [args.value_rank or args.rank] * layers)
         keys, values = projections.keys, projections.values
         name = f"{args.method} r={args.rank}"
-    elif not (args.key_bits or args.value_bits):
-        raise ValueError("give --artifacts, --method with --rank, or --key-bits/--value-bits")
     if not args.lowrank_values:
         values = None
     return FidelityVariant(name, keys, values, args.key_bits, args.value_bits, args.group_size)
 
 
+def _check_variant_args(args: argparse.Namespace) -> None:
+    """What `_variant_from_args` needs, checked before the weights load."""
+    if args.artifacts is not None:
+        artifact_folder(args.artifacts)
+    elif args.method is not None:
+        if args.rank is None:
+            raise ValueError("--method needs --rank")
+    elif not (args.key_bits or args.value_bits):
+        raise ValueError("give --artifacts, --method with --rank, or --key-bits/--value-bits")
+
+
 def cmd_eval_fidelity(args: argparse.Namespace) -> None:
     if args.out:
         check_writable(args.out, "--out", folder=False)
+    _check_variant_args(args)
     _, config = load_config(args.model)
     check_sequence(config, args.block_len, "--block-len")
     model, tokenizer = load_model(args.model)

@@ -37,7 +37,7 @@ from kvtrain.eval.loading import check_checkpoint, check_suite_limits, checkpoin
 from kvtrain.eval.presets import NEEDS_ARTIFACTS, PRESETS, fill_artifacts, merge
 from kvtrain.eval.report import provenance
 from kvtrain.eval.suites import get_suite
-from kvtrain.io import atomic_write_text
+from kvtrain.io import atomic_write_text, parse_error_line
 
 RESULTS = "results.jsonl"
 PROVENANCE = "provenance.json"
@@ -112,7 +112,7 @@ def load_grid(path: str | Path) -> list[Cell]:
     except OSError as err:
         _fail(source, "grid", f"cannot read ({err.strerror})")
     except yaml.YAMLError as err:
-        _fail(source, "grid", f"not valid YAML ({err})")
+        _fail(source, "grid", f"not valid YAML ({parse_error_line(err)})")
     if not isinstance(grid, dict):
         _fail(source, "grid", "expected a mapping at the top level")
     unknown = set(grid) - _GRID_KEYS

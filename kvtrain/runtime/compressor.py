@@ -296,16 +296,22 @@ def build_compressors(
     with rope scaling (Llama-3.1's llama3, YaRN) the default frequencies would be wrong.
     """
     model_config = model.config
+    policies, codecs = bind_config(config, model_config, projections=projections)
+    rope = model_rope(model, dtype=torch.float32)
+    return [LayerCompressor(policy, codecs[i], rope) if policy is not None else None for i, policy in enumerate(policies)]
+
+
+def bind_config(
+    config: KVCompressionConfig, model_config, *, projections: LayerPairs | None = None
+) -> tuple[list[LayerPolicy | None], list[LayerCodecs]]:
+    """Per layer, the policy (None: dense) and the codecs of `config` on a model of `model_config`, with every check
+    that needs only the model's config.json (layers, heads, head dimension, the files the config names): an entry
+    point runs it before loading weights, so that a config that does not fit fails in seconds."""
     check_config_for_model(config, model_config)
     num_layers = model_config.num_hidden_layers
     codecs = layer_codecs(config, model_config, projections=projections)
     check_codec_dims(codecs, model_config, config)
-    rope = model_rope(model, dtype=torch.float32)
-    compressors = []
-    for i in range(num_layers):
-        policy = config.layer_policy(i, num_layers)
-        compressors.append(LayerCompressor(policy, codecs[i], rope) if policy is not None else None)
-    return compressors
+    return [config.layer_policy(i, num_layers) for i in range(num_layers)], codecs
 
 
 def layer_codecs(

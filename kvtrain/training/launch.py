@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser
 
 from kvtrain.errors import UserError, said_once
-from kvtrain.io import OutputLock
+from kvtrain.io import OutputLock, check_writable
 from kvtrain.models.loading import load_config
 from kvtrain.models.shape import check_positions, check_window, sliding_windows
 from kvtrain.training.recipe import load_recipe
@@ -51,15 +50,9 @@ def parse_recipe_args(argument_types: tuple[type, ...], argv: list[str] | None =
 
 
 def check_output_dir(path: str | Path) -> None:
-    """Fail before any model is loaded when `output_dir` cannot be created or written."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"output_dir {str(path)!r} is not writable: {err.strerror or err}") from None
+    """Fail before any model is loaded when `output_dir` cannot be created or written, creating nothing: an input
+    refused later must leave no folder behind."""
+    check_writable(path, "output_dir", folder=True)
 
 
 def init_cpu_distributed() -> None:

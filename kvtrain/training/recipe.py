@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from kvtrain.io import parse_error_line
+
 
 def load_recipe(path: str | Path, dataclass_types: tuple[type, ...]) -> dict[str, Any]:
     """The recipe's key -> value mapping, validated against the fields of `dataclass_types`.
@@ -29,7 +31,7 @@ def load_recipe(path: str | Path, dataclass_types: tuple[type, ...]) -> dict[str
     except OSError as err:
         raise ValueError(f"recipe {path}: cannot read it ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path}: not valid YAML: {err}") from None
+        raise ValueError(f"recipe {path}: not valid YAML: {parse_error_line(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path}: expected a mapping of argument names to values")
     env = data.pop("env", {})

@@ -138,16 +138,19 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     if distill_args.train_projections:
         TrainableProjections.check_config(kv_config)
     check_output_dir(training_args.output_dir)
+    # Every input is checked before the output folder is taken (and so created): a bad one leaves nothing behind.
+    options = load_options(model_args)
+    check_length_before_loading(model_args, distill_args.block_len, "block_len", options["revision"])
+    texts = load_texts(distill_args.dataset_name, distill_args.dataset_train_split, text_field=distill_args.dataset_text_field)
+    # Resolving before the lock is safe: a job writing checkpoints there holds the lock, so ours is then refused.
+    resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     lock = lock_output(training_args.output_dir, "train/distill.py", argv)
     transformers.set_seed(training_args.seed)
     record = run_record(distill_args, kv_config, training_args, model_args)
-    resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
     resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
-    options = load_options(model_args)
-    check_length_before_loading(model_args, distill_args.block_len, "block_len", options["revision"])
     model, tokenizer = load_model(model_args.model_name_or_path, **options)
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
@@ -165,7 +168,6 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         projections.attach(model)
     model.train()
 
-    texts = load_texts(distill_args.dataset_name, distill_args.dataset_train_split, text_field=distill_args.dataset_text_field)
     train_blocks = token_blocks(tokenizer, texts, distill_args.block_len, distill_args.max_blocks, distill_args.block_stride)
     loyalty_blocks = None
     if distill_args.loyalty_blocks:

@@ -79,13 +79,6 @@ def test_rouge_l_recall_by_hand():
     assert run_checker("rouge_l_recall", "", "a b") == 0.0
 
 
-def test_every_registered_checker_is_tested():
-    tested = {"first_number", "first_word", "verbatim_prefix", "lowercase", "uppercase", "no_commas", "starts_with",
-              "ends_with", "includes_word", "excludes_word", "max_words", "quoted", "refusal", "math_answer",
-              "chain_steps", "rouge_l_recall"}
-    assert set(CHECKERS) == tested
-
-
 def test_unknown_checker_and_bad_parameters_are_named():
     with pytest.raises(UnknownCheckerError, match=r"unknown checker 'rouge'.*rouge_l_recall"):
         get_checker("rouge")

@@ -236,19 +236,11 @@ def test_gkv_redundancy_spares_the_newest_copy():
     assert (copies[3] > copies[:3]).all()
 
 
-SCORER_PARAMS = {
-    "streaming": {},
-    "key_norm": {},
-    "value_norm": {},
-    "tova": {},
-    "h2o": {},
-    "snapkv": {"window": 6},
-    "gkv": {},
-    "expected_attention": {},
-}
+# Parameters that differ from a scorer's defaults in the padding test (SnapKV's window must fit the short case).
+SCORER_PARAMS = {"snapkv": {"window": 6}}
 
 
-@pytest.mark.parametrize("name", sorted(SCORER_PARAMS))
+@pytest.mark.parametrize("name", sorted(SCORERS))
 @pytest.mark.parametrize(("case", "pad", "pad_queries"), [("long", 4, 0), ("short", 3, 2)])
 def test_left_padding_does_not_change_scores(name, case, pad, pad_queries):
     if case == "long":
@@ -257,7 +249,7 @@ def test_left_padding_does_not_change_scores(name, case, pad, pad_queries):
         inputs = make_inputs(13, n=5, columns=5, w=5, rope_offset=(0, 0), last_event_position=2)
     state = make_state(inputs, 14)
     padded, padded_state = left_pad(inputs, state, pad, pad_queries)
-    scorer = build_scorer(name, SCORER_PARAMS[name])
+    scorer = build_scorer(name, SCORER_PARAMS.get(name, {}))
     scores, new_state = scorer(inputs, state)
     padded_scores, padded_new_state = scorer(padded, padded_state)
     assert torch.isfinite(padded_scores).all()
@@ -270,10 +262,6 @@ def test_left_padding_does_not_change_scores(name, case, pad, pad_queries):
     row = ScoreInputs(**{**vars(inputs), **per_row})
     row_scores, _ = scorer(row, {k: v[1:] for k, v in state.items()})
     torch.testing.assert_close(row_scores[valid[1:]], scores[1:][valid[1:]], atol=ATOL, rtol=0)
-
-
-def test_every_scorer_of_this_package_is_registered():
-    assert set(SCORER_PARAMS) <= set(SCORERS)
 
 
 @pytest.mark.parametrize(

@@ -57,13 +57,6 @@ def test_recipe_keys_land_unchanged(recipe, tmp_path, monkeypatch):
     assert distill.prefill_len < distill.block_len and model.use_peft
 
 
-def test_embedded_default_recipe_is_the_gkv_setup():
-    distill, kv, _, model = parse_args(["--config", str(REPO / "recipes/smollm2-135m/distill/gkv.yaml")])
-    config = kv.to_config()
-    assert (config.scorer.name, config.budget, distill.block_len, distill.prefill_len) == ("gkv", 128, 512, 256)
-    assert model.use_peft and model.model_name_or_path == "smollm2-135m"
-
-
 def test_kqsvd_recipe_trains_rank16_projections_without_eviction(monkeypatch):
     monkeypatch.chdir(REPO)
     distill, kv, _, model = parse_args(["--config", str(REPO / "recipes/smollm2-135m/distill/kqsvd.yaml")])

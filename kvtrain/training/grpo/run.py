@@ -126,17 +126,18 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     rewards = build_rewards(task_args.rewards)
     check_options(config, model_args)
     check_output_dir(config.output_dir)
+    # Inputs are checked before the output folder is taken (and so created), as in distillation.
+    options = load_options(model_args)
+    # The prompts' length is known once the tokenizer is: the completions alone are checked before the weights load.
+    check_length_before_loading(model_args, config.max_completion_length, "max_completion_length", options["revision"])
+    resume = resolve_resume(task_args.resume or config.resume_from_checkpoint, config.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=config.get_process_log_level())
     transformers.utils.logging.set_verbosity(config.get_process_log_level())
     lock = lock_output(config.output_dir, "train/grpo.py", argv)
     transformers.set_seed(config.seed)
     record = run_record(task_args, kv_config, config, model_args, section="task")
-    resume = resolve_resume(task_args.resume or config.resume_from_checkpoint, config.output_dir)
     resume_changes = check_resume(resume, record, task_args.allow_resume_changes) if resume else []
 
-    options = load_options(model_args)
-    # The prompts' length is known once the tokenizer is: the completions alone are checked before the weights load.
-    check_length_before_loading(model_args, config.max_completion_length, "max_completion_length", options["revision"])
     model, tokenizer = load_model(model_args.model_name_or_path, **options)
     fingerprint = model_fingerprint(model.config)
     use_kvtrain_attention(model)
