@@ -6,6 +6,7 @@ with every Python, so it works offline and is identical on every machine with th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -179,3 +180,12 @@ def token_blocks(
         )
     n = available if n_blocks is None else n_blocks
     return torch.tensor(ids, dtype=torch.long).unfold(0, block_len, stride)[:n].contiguous()
+
+
+def texts_fingerprint(texts: Iterable[str]) -> str:
+    """The sha256 of documents in their order: what a run read, recorded so that resuming it on other data (a file
+    rewritten under the same name) is refused like any other changed argument."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()

@@ -1,9 +1,11 @@
 """Files and folders kvtrain writes: atomically (a reader never sees a half-written one, and a killed writer
-leaves the old one in place), checked writable before the work, and owned by one job at a time."""
+leaves the old one in place), checked writable before the work, owned by one job at a time, and checked against
+the sha256 recorded when they were written whenever they are read back."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from kvtrain.errors import OutputInUseError, UserError
 
@@ -206,3 +208,84 @@ def parse_error_line(err: Exception) -> str:
     if mark is not None:
         return f"{getattr(err, 'problem', None) or err} at line {mark.line + 1}, column {mark.column + 1}"
     return " ".join(str(err).split())
+
+
+# Integrity: every file kvtrain writes and later reads back carries a sha256 of its content, recorded when it is
+# written and compared when it is read, so a flipped bit or a truncated copy is refused naming the file instead of
+# being used. JSON files hold it under DIGEST_KEY; safetensors files in their metadata (kvtrain.artifacts.format);
+# folders (training checkpoints) in a manifest of their files (`write_manifest`).
+DIGEST_KEY = "kvtrain_sha256"
+MANIFEST = "kvtrain_checksums.json"
+
+
+class CorruptFileError(UserError):
+    """A file whose content is not what was written (a flipped byte, a truncated or edited copy)."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_checked_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write the mapping `data` atomically, with the sha256 of its content under DIGEST_KEY."""
+    body = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    atomic_write_text(path, json.dumps({**body, DIGEST_KEY: sha256_bytes(_canonical_json(body))}, indent=2) + "\n")
+
+
+def read_checked_json(path: str | Path, what: str) -> Any:
+    """The JSON content of `path` (`what` names the kind of file in messages), its digest checked when it has one
+    (files written by hand have none); raises CorruptFileError naming the file when the content is not what was
+    written, UserError when it is not JSON."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"{path}: not valid JSON ({parse_error_line(err)}): the {what} is damaged or "
+                               "truncated") from None
+    if isinstance(data, dict) and DIGEST_KEY in data:
+        recorded = data.pop(DIGEST_KEY)
+        if sha256_bytes(_canonical_json(data)) != recorded:
+            raise CorruptFileError(f"{path}: its content does not match the sha256 recorded when it was written (the "
+                                   f"{what} was damaged or edited since)")
+    return data
+
+
+def write_manifest(folder: str | Path) -> None:
+    """Record the size and sha256 of every file under `folder` (but the manifest itself) in `folder/MANIFEST`."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_of_file(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_checked_json(folder / MANIFEST, {"files": files})
+
+
+def manifest_problem(folder: str | Path) -> str | None:
+    """Why the files of `folder` are not those its manifest recorded (the first file named), or None when they are.
+    A folder without a manifest (written by an older kvtrain) has nothing to compare: None."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        files = read_checked_json(folder / MANIFEST, "checksum manifest")["files"]
+    except (UserError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is damaged ({err})"
+    for name, recorded in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != recorded["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {recorded['bytes']} were written (truncated or replaced)"
+        if sha256_of_file(path) != recorded["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written (damaged or modified)"
+    return None

@@ -21,7 +21,7 @@ from kvtrain.artifacts.projections import PROJECTIONS, Projections, read_project
 from kvtrain.artifacts.quant_plan import QUANT_PLAN, QuantPlan, read_quant_plan
 from kvtrain.artifacts.query_stats import QUERY_STATS, QueryStats, load_query_stats
 from kvtrain.artifacts.sals_basis import SALS_BASIS, SalsBasis, read_sals_basis
-from kvtrain.io import atomic_write_text
+from kvtrain.io import read_checked_json, write_checked_json
 from kvtrain.models.shape import ModelShape, check_fingerprint, model_fingerprint
 
 SCHEMA_VERSION = 1
@@ -53,7 +53,7 @@ def write_config(folder: Path, config: dict[str, Any]) -> None:
     names = (PROJECTIONS, QUANT_PLAN, QUERY_STATS, HEAD_BUDGETS, SALS_BASIS)
     files = {name: sha256_file(folder / name) for name in names
              if (folder / name).is_file() and name in config["files"]}
-    atomic_write_text(folder / CONFIG, json.dumps({**config, "files": files}, indent=2, sort_keys=True) + "\n")
+    write_checked_json(folder / CONFIG, {**config, "files": files})
 
 
 def artifact_folder(directory: str | Path) -> Path:
@@ -67,10 +67,7 @@ def artifact_folder(directory: str | Path) -> Path:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    config = read_checked_json(path, "calibration config")
     if not isinstance(config, dict) or config.get("kind") != KIND:
         kind = config.get("kind") if isinstance(config, dict) else None
         raise ValueError(f"{path}: not a calibration config (kind={kind!r}, expected {KIND!r})")

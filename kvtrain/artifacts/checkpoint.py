@@ -25,7 +25,7 @@ from typing import Any
 from safetensors import safe_open
 
 from kvtrain.artifacts.format import sha256_file
-from kvtrain.io import atomic_write_bytes, atomic_write_text
+from kvtrain.io import atomic_write_bytes, atomic_write_text, read_checked_json, write_checked_json
 from kvtrain.models.shape import check_fingerprint, model_fingerprint
 
 ARTIFACT_DIR = "kv_compression"
@@ -72,7 +72,7 @@ def write_bundle(
     atomic_write_text(folder / COMPRESSION, json.dumps(compression, indent=2) + "\n")
     files = {name: sha256_file(folder / name) for name in [*sources, COMPRESSION]}
     manifest = {"kind": KIND, "schema_version": SCHEMA_VERSION, "model_fingerprint": fingerprint, "files": files}
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_checked_json(folder / MANIFEST, manifest)
     return folder
 
 
@@ -82,7 +82,7 @@ def read_bundle(checkpoint: str | Path) -> Bundle:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise ValueError(f"{checkpoint}: not a compression-ready checkpoint (no {ARTIFACT_DIR}/{MANIFEST})")
-    manifest = _read_json(manifest_path)
+    manifest = read_checked_json(manifest_path, "bundle manifest")
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         kind = manifest.get("kind") if isinstance(manifest, dict) else None
         raise ValueError(f"{manifest_path}: not a checkpoint manifest (kind={kind!r}, expected {KIND!r})")

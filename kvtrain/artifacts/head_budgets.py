@@ -6,28 +6,24 @@ they were derived (per-head scores, the rule), which readers ignore.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from kvtrain.io import atomic_write_text
+from kvtrain.io import read_checked_json, write_checked_json
 
 HEAD_BUDGETS = "head_budgets.json"
 
 
 def write_head_budgets(path: Path, data: dict[str, Any]) -> None:
     check_budgets(data.get("budgets"), len(data.get("budgets") or []), str(path))
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    write_checked_json(path, data)
 
 
 def read_head_budgets(path: Path, num_layers: int) -> list[int]:
     """The per-layer budgets of a head-budgets file, checked against the model's `num_layers`."""
     if not path.is_file():
         raise ValueError(f"{path}: no such head-budgets file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    data = read_checked_json(path, "head-budgets file")
     if not isinstance(data, dict) or "budgets" not in data:
         raise ValueError(f'{path}: expected an object {{"budgets": [...]}}, got {str(data)[:80]!r}')
     if not isinstance(data["budgets"], list):

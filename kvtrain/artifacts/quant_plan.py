@@ -6,14 +6,13 @@ Fields: ``schema_version``, ``bits`` (one bit-width per layer, keys and values a
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvtrain.errors import UserError
-from kvtrain.io import atomic_write_text
+from kvtrain.io import CorruptFileError, read_checked_json, write_checked_json
 
 QUANT_PLAN = "quant_plan.json"
 SCHEMA_VERSION = 1
@@ -106,13 +105,13 @@ def plan_from_dict(data: Any, source: str) -> QuantPlan:
 def write_quant_plan(path: str | Path, plan: QuantPlan) -> None:
     """Validate and write ``quant_plan.json`` atomically."""
     validate_plan(plan, str(path))
-    atomic_write_text(path, json.dumps(plan_to_dict(plan), indent=2) + "\n")
+    write_checked_json(path, plan_to_dict(plan))
 
 
 def read_quant_plan(path: str | Path) -> QuantPlan:
     """Read and validate ``quant_plan.json``; every error names the file and the field."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise QuantPlanError(f"{path}: not valid JSON ({err})") from err
+        data = read_checked_json(path, "quant plan")
+    except CorruptFileError as err:
+        raise QuantPlanError(str(err)) from None
     return plan_from_dict(data, str(path))

@@ -11,7 +11,6 @@ are bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,14 @@ from kvtrain.calibrate.sensitivity import tada_sensitivity
 from kvtrain.calibrate.statistics import StatisticsCollector
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.errors import UserError
-from kvtrain.io import atomic_write_bytes, atomic_write_text
+from kvtrain.io import (
+    CorruptFileError,
+    atomic_write_bytes,
+    read_checked_json,
+    sha256_bytes,
+    sha256_of_file,
+    write_checked_json,
+)
 from kvtrain.models.rope import model_rope
 from kvtrain.models.limits import check_sequence
 from kvtrain.models.shape import ModelShape, model_fingerprint
@@ -148,10 +154,14 @@ class _State:
         if not path.is_file():
             return None
         try:
-            progress = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON ({err}); delete it, or run with --no-resume (resume=False in "
-                            "Python) to start over") from None
+            progress = read_checked_json(path, "calibration progress file")
+            accumulators = progress.get("accumulators")
+            if accumulators and sha256_of_file(self.folder / accumulators) != progress.get("accumulators_sha256"):
+                raise CorruptFileError(f"{self.folder / accumulators}: does not match the sha256 its progress file "
+                                       "recorded (damaged or modified since it was written)")
+        except (CorruptFileError, FileNotFoundError) as err:
+            raise UserError(f"{err}; delete {self.folder}, or run with --no-resume (resume=False in Python) to start "
+                            "over") from None
         for field, value in self.key.items():
             if progress.get("key", {}).get(field) != value:
                 raise UserError(
@@ -166,14 +176,18 @@ class _State:
         """Checkpoint; ``tensors`` / ``tada_rows`` left None keep what ``previous`` recorded."""
         previous = previous or {}
         accumulators = previous.get("accumulators")
+        digest = previous.get("accumulators_sha256")
         if tensors is not None:
             accumulators = f"accumulators-{blocks_done:06d}.safetensors"
-            atomic_write_bytes(self.folder / accumulators, save(tensors))
+            data = save(tensors)
+            atomic_write_bytes(self.folder / accumulators, data)
+            digest = sha256_bytes(data)
         rows = previous.get("tada_rows", []) if tada_rows is None else [
             {str(b): v for b, v in row.items()} for row in tada_rows
         ]
-        progress = {"key": self.key, "blocks_done": blocks_done, "accumulators": accumulators, "tada_rows": rows}
-        atomic_write_text(self.folder / PROGRESS, json.dumps(progress, indent=2))
+        progress = {"key": self.key, "blocks_done": blocks_done, "accumulators": accumulators,
+                    "accumulators_sha256": digest, "tada_rows": rows}
+        write_checked_json(self.folder / PROGRESS, progress)
         for stale in self.folder.glob("accumulators-*.safetensors"):
             if stale.name != accumulators:
                 stale.unlink()

@@ -5,6 +5,8 @@ order), so a kill mid-save leaves a `checkpoint-N` that `get_last_checkpoint` wo
 trainer state or optimizer. We let the Trainer write `tmp-checkpoint-N` instead and, once every rank has
 finished, rename it to `checkpoint-N` in one `os.replace`. Leftover `tmp-checkpoint-*` folders are ignored
 by `get_last_checkpoint` (its pattern is `^checkpoint-\\d+$`) and removed by the next save of that step.
+Before the rename, the size and sha256 of every file the ranks wrote go into the checkpoint's manifest
+(`kvtrain.io.write_manifest`), which resuming checks (`kvtrain.training.resume.checkpoint_problem`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import transformers.trainer as hf_trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from kvtrain.io import write_manifest
 
 STAGING_PREFIX = "tmp-checkpoint"
 _COMPLETE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -57,6 +61,7 @@ class AtomicCheckpoints:
             self.save_extra_files(staging)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            write_manifest(staging)
             publish(staging, final_dir(run_dir, self.state.global_step))
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()

@@ -1,7 +1,8 @@
 """What a resumed run must share with the run it resumes, and which checkpoint it resumes from.
 
 Each checkpoint records the arguments that define the run (`RUN_FILE`): the compression config, the
-distillation (or GRPO task) arguments, the model and the optimisation settings. Resuming compares them with the new run's
+distillation (or GRPO task) arguments, the model, the optimisation settings and a fingerprint of the training data
+read (so a data file rewritten under the same name counts as a change). Resuming compares them with the new run's
 and refuses a change (listing each field, old and new) unless `allow_resume_changes` says to go on, in which
 case the changes are recorded in the output's metadata. What does not change what is learnt (how long to
 train, how often to log or save, where to report, the loyalty measurement) may change freely.
@@ -21,6 +22,7 @@ from typing import Any
 from safetensors import safe_open
 
 from kvtrain.errors import UserError
+from kvtrain.io import manifest_problem
 from kvtrain.training import checkpoints
 
 logger = logging.getLogger(__name__)
@@ -40,21 +42,23 @@ FREE_TO_CHANGE = {
 }
 
 
-def run_record(run_args, kv_config, training_args, model_args, *, section: str = "distillation") -> dict[str, Any]:
+def run_record(run_args, kv_config, training_args, model_args, *, data: str, section: str = "distillation") -> dict[str, Any]:
     """The arguments that define a run, as JSON-ready values (what `RUN_FILE` holds); `run_args` are the entry
-    point's own arguments, recorded under `section` (distillation, or task for GRPO)."""
+    point's own arguments, recorded under `section` (distillation, or task for GRPO); `data` the fingerprint of the
+    training data read (`kvtrain.data.texts_fingerprint`)."""
     return {
         "compression": kv_config.to_dict(),
         section: dataclasses.asdict(run_args),
         "model": dataclasses.asdict(model_args),
         "training": json.loads(training_args.to_json_string()),
+        "data": {"sha256": data},
     }
 
 
 def changed_fields(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``section.field: old -> new`` for every run-defining field that differs."""
     changes = []
-    for section in ("compression", "distillation", "task", "model", "training"):
+    for section in ("compression", "distillation", "task", "model", "training", "data"):
         old, new = recorded.get(section, {}), current.get(section, {})
         for name in sorted(set(old) | set(new)):
             if name in FREE_TO_CHANGE.get(section, set()) or old.get(name) == new.get(name):
@@ -81,7 +85,11 @@ def check_resume(checkpoint: str | Path, current: dict[str, Any], allow_changes:
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` cannot be resumed from (missing or unreadable parts), or None when it is intact."""
+    """Why `folder` cannot be resumed from (a file not as written, missing or unreadable parts), or None when it is
+    intact."""
+    damaged = manifest_problem(folder)
+    if damaged is not None:
+        return damaged
     state = folder / "trainer_state.json"
     try:
         json.loads(state.read_text())

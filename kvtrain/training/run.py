@@ -21,7 +21,7 @@ from trl import ModelConfig, get_peft_config
 
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
-from kvtrain.data import load_texts, token_blocks
+from kvtrain.data import load_texts, texts_fingerprint, token_blocks
 from kvtrain.eval.heldout import heldout_blocks
 from kvtrain.io import OutputLock, permissions_as_created
 from kvtrain.models import load_model, model_fingerprint
@@ -148,7 +148,7 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     lock = lock_output(training_args.output_dir, "train/distill.py", argv)
     transformers.set_seed(training_args.seed)
-    record = run_record(distill_args, kv_config, training_args, model_args)
+    record = run_record(distill_args, kv_config, training_args, model_args, data=texts_fingerprint(texts))
     resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
     model, tokenizer = load_model(model_args.model_name_or_path, **options)

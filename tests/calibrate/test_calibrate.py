@@ -176,7 +176,13 @@ def test_corrupt_files_are_named(tmp_path, tokenizer):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"projections\.safetensors: sha256 differs"):
         load_artifacts(tmp_path, model)
-    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated: unreadable even without the hash check
+    # The file alone (as `--kv-config` names it, with no calibration folder around it) is refused as well.
+    with pytest.raises(ValueError, match=r"projections\.safetensors: its content does not match the sha256"):
+        read_projections(path, 2, 2, D)
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(ValueError, match=r"projections\.safetensors: its content does not match the sha256"):
+        read_projections(path, 2, 2, D)
+    path.write_bytes(bytes(data[:20]))  # truncated inside the header
     with pytest.raises(ValueError, match=r"projections\.safetensors: not a readable safetensors file"):
         read_projections(path, 2, 2, D)
     (folder / "config.json").write_text("{ not json")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvtrain.io import DIGEST_KEY, write_checked_json
 from tests.hub.local_hub import LocalHub
 from tests.training.conftest import TINY_ARGS
 
@@ -86,9 +87,14 @@ def copy_of(tmp_path):
 
 
 def rewrite_json(path: Path, change) -> None:
+    """Change a JSON file as a kvtrain that wrote it so would have: with its content digest recomputed."""
     data = json.loads(path.read_text())
+    digest = data.pop(DIGEST_KEY, None)
     change(data)
-    path.write_text(json.dumps(data, indent=2))
+    if digest is None:
+        path.write_text(json.dumps(data, indent=2))
+    else:
+        write_checked_json(path, data)
 
 
 def closed_port() -> int:

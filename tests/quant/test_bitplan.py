@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from kvtrain.io import DIGEST_KEY
 from kvtrain.artifacts.quant_plan import (
     CANDIDATE_BITS,
     Budget,
@@ -110,11 +111,23 @@ def test_plan_file_errors_name_file_and_field(tmp_path, edit, field):
     path = tmp_path / "quant_plan.json"
     write_quant_plan(path, plan)
     data = json.loads(path.read_text())
+    del data[DIGEST_KEY]  # a plan written by hand carries no digest: its fields are what is checked
     edit(data)
     path.write_text(json.dumps(data))
     with pytest.raises(QuantPlanError) as err:
         read_quant_plan(path)
     assert str(path) in str(err.value) and repr(field)[1:-1] in str(err.value)
+
+
+def test_a_written_plan_edited_afterwards_is_refused(tmp_path):
+    path = tmp_path / "quant_plan.json"
+    write_quant_plan(path, QuantPlan([2, 4, 8], group_size=8, residual_length=16, budget=Budget("average_bits", 5.0)))
+    path.write_text(path.read_text().replace('"bits": [\n    2,', '"bits": [\n    4,'))
+    with pytest.raises(QuantPlanError, match=r"quant_plan.json: its content does not match the sha256 recorded"):
+        read_quant_plan(path)
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(QuantPlanError, match=r"quant_plan.json: not valid JSON .*damaged or truncated"):
+        read_quant_plan(path)
 
 
 def test_invalid_json_names_the_file(tmp_path):

@@ -9,6 +9,7 @@ recipes/<model>/grpo/<name>.yaml [--field value ...]`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from trl import GRPOConfig, ModelConfig, get_peft_config
 
 from kvtrain.arguments import KVCompressionArguments
 from kvtrain.config import KVCompressionConfig
+from kvtrain.data import texts_fingerprint
 from kvtrain.errors import UserError
 from kvtrain.io import OutputLock, permissions_as_created
 from kvtrain.models import check_positions, load_model, model_fingerprint
@@ -92,12 +94,14 @@ def check_sequence_length(model_config, dataset: Dataset, tokenizer, config: GRP
         check_window(window, layer, longest + config.max_completion_length, f"{name} with {where}")
 
 
-def task_dataset(task_args: GRPOTaskArguments, tokenizer) -> Dataset:
+def train_items(task_args: GRPOTaskArguments) -> list[TaskItem]:
     if task_args.task == "gsm8k":
-        items = gsm8k_items(task_args.dataset_name, task_args.dataset_train_split, task_args.train_items)
-    else:
-        items = task_items(task_args.task, task_args.train_items, seed=task_args.task_seed, split=TRAIN,
-                           params=task_args.task_params())
+        return gsm8k_items(task_args.dataset_name, task_args.dataset_train_split, task_args.train_items)
+    return task_items(task_args.task, task_args.train_items, seed=task_args.task_seed, split=TRAIN,
+                      params=task_args.task_params())
+
+
+def task_dataset(items: list[TaskItem], task_args: GRPOTaskArguments, tokenizer) -> Dataset:
     return Dataset.from_list(prompt_rows(items, task_args.task, task_args.prompt_format, tokenizer))
 
 
@@ -130,12 +134,14 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     options = load_options(model_args)
     # The prompts' length is known once the tokenizer is: the completions alone are checked before the weights load.
     check_length_before_loading(model_args, config.max_completion_length, "max_completion_length", options["revision"])
+    items = train_items(task_args)
     resume = resolve_resume(task_args.resume or config.resume_from_checkpoint, config.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=config.get_process_log_level())
     transformers.utils.logging.set_verbosity(config.get_process_log_level())
     lock = lock_output(config.output_dir, "train/grpo.py", argv)
     transformers.set_seed(config.seed)
-    record = run_record(task_args, kv_config, config, model_args, section="task")
+    record = run_record(task_args, kv_config, config, model_args, section="task",
+                        data=texts_fingerprint(json.dumps(item.row(task_args.task), sort_keys=True) for item in items))
     resume_changes = check_resume(resume, record, task_args.allow_resume_changes) if resume else []
 
     model, tokenizer = load_model(model_args.model_name_or_path, **options)
@@ -143,7 +149,7 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     use_kvtrain_attention(model)
     if "quantization_config" in options:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    dataset = task_dataset(task_args, tokenizer)
+    dataset = task_dataset(items, task_args, tokenizer)
     check_sequence_length(model.config, dataset, tokenizer, config, model_args.model_name_or_path)
     trainer = CompressedGRPOTrainer(
         model=model,
