@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from kvtrain.arguments import KVCompressionArguments, positive_int
 from kvtrain.errors import UserError, debug_requested, run_entry_point, said_once
-from kvtrain.io import check_writable
+from kvtrain.io import check_writable, owned_folder
 
 if TYPE_CHECKING:
     from kvtrain.config import KVCompressionConfig
@@ -107,7 +107,10 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     from kvtrain.quickstart import QuickstartSettings, run_quickstart
 
     check_writable(args.out, "--out", folder=True)
-    run_quickstart(QuickstartSettings(out=args.out, steps=args.steps, eval_blocks=args.eval_blocks))
+    with owned_folder(args.out, " ".join(["kvtrain", *sys.argv[1:]])) as warnings:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        run_quickstart(QuickstartSettings(out=args.out, steps=args.steps, eval_blocks=args.eval_blocks))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

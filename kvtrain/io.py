@@ -5,6 +5,7 @@ the sha256 recorded when they were written whenever they are read back."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -144,12 +145,15 @@ LOCK_FILE = ".kvtrain.lock"
 
 
 class OutputLock:
-    """One writer per output folder: `acquire` creates ``FOLDER/.kvtrain.lock`` naming this job, or fails at once
-    naming the job that holds it.
+    """One writer per output folder, held by every process of the job until it exits.
 
-    A job is the process, or under a multi-process launch the launcher that started its ranks (the parent of
-    every rank), so all ranks of one job share the lock. A lock whose job is no longer running on this host
-    (killed, crashed) is stale and taken over with a warning; one from another host is never presumed stale.
+    ``FOLDER/.kvtrain.lock`` names the job (host, the launcher's pid under a multi-process launch or the process's
+    own, the command); every process of the job holds a shared `flock` on it for as long as it works there. The
+    kernel drops a process's flock when it dies, however it dies, so the folder is free exactly when no process of
+    the job lives: ranks orphaned by a killed launcher keep it, a crashed job's leftover file does not. A new job
+    needs the exclusive lock: it is refused naming the holder while any process holds it, and takes over (with a
+    warning) a file nobody holds. `acquire` is idempotent per process; `release` removes the file when the last
+    process of the job lets go.
     """
 
     def __init__(self, folder: str | Path, command: str):
@@ -157,48 +161,102 @@ class OutputLock:
         self.command = command
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
         self.owner = {"host": socket.gethostname(), "pid": os.getppid() if launched else os.getpid()}
+        self._fd: int | None = None
 
     def acquire(self) -> list[str]:
-        """Take the lock; returns warnings to show (a stale lock taken over)."""
+        """Take the lock; returns warnings to show (a leftover lock taken over)."""
+        if self._fd is not None:
+            return []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({**self.owner, "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        deadline = time.monotonic() + 10
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~process_umask())
+            try:
+                warnings = self._take(fd)
+            except BlockingIOError:  # another rank of this job is writing the record: a moment
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            if warnings is None:  # the path was replaced while we locked the old file: lock the new one
+                os.close(fd)
+                continue
+            self._fd = fd
+            return warnings
+
+    def _take(self, fd: int) -> list[str] | None:
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             holder = self._holder()
-            if holder is not None and {k: holder.get(k) for k in self.owner} == self.owner:
-                return []  # another rank of this job took it
-            if holder is not None and self._alive(holder):
-                raise OutputInUseError(
-                    f"{self.path.parent}: in use by another job (pid {holder['pid']} on {holder['host']}, started "
-                    f"{holder.get('started')}: {holder.get('command')}); wait for it, or give another output folder"
-                ) from None
-            atomic_write_text(self.path, record)
-            return [f"{self.path}: taking over the lock of a job that is no longer running ({holder})"]
-        with os.fdopen(fd, "w") as f:
-            f.write(record)
-        return []
+            if holder is None:
+                raise  # held while its record is being written
+            if {k: holder.get(k) for k in self.owner} == self.owner:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another process of this job holds it
+                return [] if self._current(fd) else None
+            raise OutputInUseError(
+                f"{self.path.parent}: in use by another job (pid {holder.get('pid')} on {holder.get('host')}, "
+                f"started {holder.get('started')}: {holder.get('command')}); wait for it, or give another output "
+                "folder"
+            ) from None
+        if not self._current(fd):
+            return None
+        holder = self._holder()
+        warnings = []
+        if holder is not None and {k: holder.get(k) for k in self.owner} != self.owner:
+            if holder.get("host") not in (None, self.owner["host"]):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                raise OutputInUseError(f"{self.path.parent}: locked by a job on {holder.get('host')} ({holder}); this "
+                                       f"host cannot tell whether it still runs: remove {self.path} if it does not")
+            warnings.append(f"{self.path}: taking over the lock of a job that is no longer running ({holder})")
+        record = {**self.owner, "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # downgrade: the job's other processes share it
+        return warnings
+
+    def _current(self, fd: int) -> bool:
+        """Whether `fd` is still the file at the lock's path (a releasing job may have removed it meanwhile)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
-        if self._holder() is not None and {k: self._holder().get(k) for k in self.owner} == self.owner:
-            self.path.unlink(missing_ok=True)
+        """Let go; the last process of the job removes the file."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self._current(fd):
+                self.path.unlink()
+        except BlockingIOError:
+            pass  # other processes of the job still hold it
+        finally:
+            os.close(fd)
 
     def _holder(self) -> dict | None:
         try:
             return json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
-            return None  # unreadable: a writer killed mid-write, stale by construction
+            return None  # empty or unreadable: being written, or left by a writer killed mid-write
 
-    def _alive(self, holder: dict) -> bool:
-        if holder.get("host") != self.owner["host"]:
-            return True  # cannot tell from here
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return True
-        return True
+
+@contextmanager
+def owned_folder(folder: str | Path, command: str) -> Iterator[list[str]]:
+    """Within this block `folder` is this job's alone (`OutputLock`); yields the warnings of taking it over."""
+    lock = OutputLock(folder, command)
+    warnings = lock.acquire()
+    try:
+        yield warnings
+    finally:
+        lock.release()
 
 
 def parse_error_line(err: Exception) -> str:

@@ -6,7 +6,6 @@ in-process under their own error boundary, on a tiny model saved like a Hub chec
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -265,19 +264,26 @@ def test_debug_shows_the_traceback(model_dir, capsys):
         kvtrain_main(["--debug", *generate(model_dir, "--kv-budget", "-3")])
 
 
+def hold_lock(folder: Path, command: str) -> subprocess.Popen:
+    """A process that takes `folder`'s lock as a job would and keeps it until killed."""
+    code = (f"import sys, time; from kvtrain.io import OutputLock; OutputLock({str(folder)!r}, {command!r}).acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_an_output_folder_in_use_is_refused_naming_the_holder(model_dir, tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    out = tmp_path / "out"
+    holder = hold_lock(out, "train/distill.py --first")
     try:
-        out = tmp_path / "out"
-        out.mkdir()
-        (out / LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
-                                                 "command": "train/distill.py --first", "started": "now"}))
         code, output = distill(distill_args(model_dir, tmp_path, "--max_steps", "1"), capsys)
         assert code == 2 and f"pid {holder.pid}" in output and "train/distill.py --first" in output, output
     finally:
         holder.kill()
         holder.wait()
-    # The holder is gone: its lock is stale, taken over, and released at the end of the run.
+    # The holder is gone: its lock file is left, held by no process, taken over, and removed at the end of the run.
     code, output = distill(distill_args(model_dir, tmp_path, "--max_steps", "1"), capsys)
     assert code == 0, output
     assert not (tmp_path / "out" / LOCK_FILE).exists()

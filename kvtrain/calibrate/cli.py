@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from pathlib import Path
 
-from kvtrain.io import check_writable
+from kvtrain.io import check_writable, owned_folder
 
 # Listed by `kvtrain --help` without importing the calibration machinery.
 CALIBRATE_HELP = "fit KQ-SVD projections, query statistics, head budgets, a TaDA bit plan, a SALS basis"
@@ -73,7 +74,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     check_writable(args.out, "--out", folder=True)
     settings = CalibrationSettings(**{f.name: getattr(args, f.name) for f in fields(CalibrationSettings)})
     settings.check_model(load_config(args.model)[1], tuple(args.fit))
-    model, tokenizer = load_model(args.model)
-    folder = calibrate(model, tokenizer, out_dir=args.out, data=args.data, split=args.split, fit=args.fit,
-                       settings=settings, resume=args.resume, progress=args.progress)
+    with owned_folder(args.out, " ".join(["kvtrain", *sys.argv[1:]])) as warnings:
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        model, tokenizer = load_model(args.model)
+        folder = calibrate(model, tokenizer, out_dir=args.out, data=args.data, split=args.split, fit=args.fit,
+                           settings=settings, resume=args.resume, progress=args.progress)
     print(f"wrote {folder}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,9 @@ from kvtrain.eval.loading import check_checkpoint, check_suite_limits, checkpoin
 from kvtrain.eval.presets import NEEDS_ARTIFACTS, PRESETS, fill_artifacts, merge
 from kvtrain.eval.report import provenance
 from kvtrain.eval.suites import get_suite
-from kvtrain.io import atomic_write_text, parse_error_line
+from kvtrain.io import atomic_write_text, owned_folder, parse_error_line
+
+logger = logging.getLogger("kvtrain")
 
 RESULTS = "results.jsonl"
 PROVENANCE = "provenance.json"
@@ -215,33 +218,35 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, progress: bool = True, 
             checked.add(key)
             suite = get_suite(cell.suite)
             check_suite_limits(suite, suite.parse_options(cell.options), cell.source, f"{grid_path}: suites.{cell.suite}:")
-    done = _done(read_results(out), cells, out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / PROVENANCE).is_file():  # the code and machine of the first session; resumes keep it
-
-        atomic_write_text(out / PROVENANCE, json.dumps(provenance(), indent=2))
-    todo = [c for c in cells if c.key not in done]
-    loaded: tuple[str, Any] | None = None
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep cells", unit="cell", disable=not progress)
-    for cell in todo:
-        bar.set_postfix_str(cell.describe())
-        if loaded is None or loaded[0] != cell.source:
-            loaded = None  # free the previous model first
-            model, tokenizer, _ = load_for_eval(cell.source)
-            loaded = (cell.source, (model, tokenizer))
-        model, tokenizer = loaded[1]
-        suite = get_suite(cell.suite)
-        config = None if cell.config is None else KVCompressionConfig.from_dict(cell.config)
-        start = time.perf_counter()
-        try:
-            result = suite.run(model, tokenizer, config, suite.parse_options(cell.options), progress=False)
-        except Exception as err:
-            raise RuntimeError(f"sweep cell {cell.describe()} failed: {err}") from err
-        record = {**dataclasses.asdict(cell), "result": result.to_dict(),
-                  "seconds": round(time.perf_counter() - start, 3)}
-        append_result(out, record)
-        bar.update()
-        if after_cell is not None:
-            after_cell(record)
-    bar.close()
+    with owned_folder(out, f"kvtrain eval sweep {grid_path}") as warnings:
+        for warning in warnings:
+            logger.warning(warning)
+        done = _done(read_results(out), cells, out)
+        if not (out / PROVENANCE).is_file():  # the code and machine of the first session; resumes keep it
+            atomic_write_text(out / PROVENANCE, json.dumps(provenance(), indent=2))
+        todo = [c for c in cells if c.key not in done]
+        loaded: tuple[str, Any] | None = None
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep cells", unit="cell",
+                   disable=not progress)
+        for cell in todo:
+            bar.set_postfix_str(cell.describe())
+            if loaded is None or loaded[0] != cell.source:
+                loaded = None  # free the previous model first
+                model, tokenizer, _ = load_for_eval(cell.source)
+                loaded = (cell.source, (model, tokenizer))
+            model, tokenizer = loaded[1]
+            suite = get_suite(cell.suite)
+            config = None if cell.config is None else KVCompressionConfig.from_dict(cell.config)
+            start = time.perf_counter()
+            try:
+                result = suite.run(model, tokenizer, config, suite.parse_options(cell.options), progress=False)
+            except Exception as err:
+                raise RuntimeError(f"sweep cell {cell.describe()} failed: {err}") from err
+            record = {**dataclasses.asdict(cell), "result": result.to_dict(),
+                      "seconds": round(time.perf_counter() - start, 3)}
+            append_result(out, record)
+            bar.update()
+            if after_cell is not None:
+                after_cell(record)
+        bar.close()
     return read_results(out)

@@ -8,6 +8,7 @@ recipes/<model>/distill/<name>.yaml [--field value ...]`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -146,56 +147,61 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    lock = lock_output(training_args.output_dir, "train/distill.py", argv)
-    transformers.set_seed(training_args.seed)
-    record = run_record(distill_args, kv_config, training_args, model_args, data=texts_fingerprint(texts))
-    resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
+    # A job stopped by an error (a bad input found after this point included) lets go of its folder.
+    with contextlib.ExitStack() as on_error:
+        lock = lock_output(training_args.output_dir, "train/distill.py", argv)
+        on_error.callback(lock.release)
+        transformers.set_seed(training_args.seed)
+        record = run_record(distill_args, kv_config, training_args, model_args, data=texts_fingerprint(texts))
+        resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
 
-    model, tokenizer = load_model(model_args.model_name_or_path, **options)
-    fingerprint = model_fingerprint(model.config)
-    use_kvtrain_attention(model)
-    if model_args.use_peft:
-        if "quantization_config" in options:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
-        model = get_peft_model(model, get_peft_config(model_args))
-        teacher = AdapterDisabledTeacher(model)
-    else:
-        teacher = FrozenCopyTeacher(model, offload=distill_args.teacher_offload)
-    projections = None
-    if distill_args.train_projections:
-        # Attached after PEFT (which freezes every parameter it did not add) and after the teacher copy.
-        projections = TrainableProjections.from_config(kv_config, model.config)
-        projections.attach(model)
-    model.train()
+        model, tokenizer = load_model(model_args.model_name_or_path, **options)
+        fingerprint = model_fingerprint(model.config)
+        use_kvtrain_attention(model)
+        if model_args.use_peft:
+            if "quantization_config" in options:
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+            model = get_peft_model(model, get_peft_config(model_args))
+            teacher = AdapterDisabledTeacher(model)
+        else:
+            teacher = FrozenCopyTeacher(model, offload=distill_args.teacher_offload)
+        projections = None
+        if distill_args.train_projections:
+            # Attached after PEFT (which freezes every parameter it did not add) and after the teacher copy.
+            projections = TrainableProjections.from_config(kv_config, model.config)
+            projections.attach(model)
+        model.train()
 
-    train_blocks = token_blocks(tokenizer, texts, distill_args.block_len, distill_args.max_blocks, distill_args.block_stride)
-    loyalty_blocks = None
-    if distill_args.loyalty_blocks:
-        loyalty_blocks = heldout_blocks(
-            tokenizer,
-            distill_args.loyalty_dataset_name or distill_args.dataset_name,
-            distill_args.loyalty_split,
-            distill_args.block_len,
-            distill_args.loyalty_blocks,
-            text_field=distill_args.dataset_text_field,
+        train_blocks = token_blocks(tokenizer, texts, distill_args.block_len, distill_args.max_blocks, distill_args.block_stride)
+        loyalty_blocks = None
+        if distill_args.loyalty_blocks:
+            loyalty_blocks = heldout_blocks(
+                tokenizer,
+                distill_args.loyalty_dataset_name or distill_args.dataset_name,
+                distill_args.loyalty_split,
+                distill_args.block_len,
+                distill_args.loyalty_blocks,
+                text_field=distill_args.dataset_text_field,
+            )
+
+        trainer = CompressionDistillationTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=BlockDataset(train_blocks),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            distill_args=distill_args,
+            kv_config=kv_config,
+            teacher=teacher,
+            loyalty_blocks=loyalty_blocks,
+            projections=projections,
+            run_record=record,
         )
-
-    trainer = CompressionDistillationTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=BlockDataset(train_blocks),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        distill_args=distill_args,
-        kv_config=kv_config,
-        teacher=teacher,
-        loyalty_blocks=loyalty_blocks,
-        projections=projections,
-        run_record=record,
-    )
-    check_sharding(trainer, distill_args)
-    return Run(lock, distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint,
-               resume, resume_changes, projections)
+        check_sharding(trainer, distill_args)
+        run = Run(lock, distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint,
+                  resume, resume_changes, projections)
+        on_error.pop_all()
+    return run
 
 
 def train(run: Run):
@@ -263,5 +269,4 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
     try:
         return save(run, train(run))
     finally:
-        if run.trainer.accelerator.is_main_process:
-            run.lock.release()
+        run.lock.release()  # every process holds the lock: each lets go, the last removes the file

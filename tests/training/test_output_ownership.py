@@ -51,6 +51,7 @@ def test_resuming_with_changed_arguments_is_refused_unless_allowed(tiny_model_di
     assert "training.learning_rate: 0.01 -> 0.005" in changed.stderr
     assert "compression.budget: 8 -> 6" in changed.stderr
     assert "max_steps" not in changed.stderr.split("differ from the run that wrote it")[1]  # free to change
+    assert not (out / LOCK_FILE).exists()  # a job stopped by a user error lets go of the folder
     allowed = run_distill(_args(tiny_model_dir, out, "--max_steps", "3", "--resume", "latest", "--learning_rate",
                                 "5e-3", "--allow_resume_changes", "true"))
     assert allowed.returncode == 0, allowed.stderr[-2000:]

@@ -8,6 +8,7 @@ recipes/<model>/grpo/<name>.yaml [--field value ...]`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -138,36 +139,41 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     resume = resolve_resume(task_args.resume or config.resume_from_checkpoint, config.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=config.get_process_log_level())
     transformers.utils.logging.set_verbosity(config.get_process_log_level())
-    lock = lock_output(config.output_dir, "train/grpo.py", argv)
-    transformers.set_seed(config.seed)
-    record = run_record(task_args, kv_config, config, model_args, section="task",
-                        data=texts_fingerprint(json.dumps(item.row(task_args.task), sort_keys=True) for item in items))
-    resume_changes = check_resume(resume, record, task_args.allow_resume_changes) if resume else []
+    # A job stopped by an error (a bad input found after this point included) lets go of its folder.
+    with contextlib.ExitStack() as on_error:
+        lock = lock_output(config.output_dir, "train/grpo.py", argv)
+        on_error.callback(lock.release)
+        transformers.set_seed(config.seed)
+        record = run_record(task_args, kv_config, config, model_args, section="task",
+                            data=texts_fingerprint(json.dumps(item.row(task_args.task), sort_keys=True) for item in items))
+        resume_changes = check_resume(resume, record, task_args.allow_resume_changes) if resume else []
 
-    model, tokenizer = load_model(model_args.model_name_or_path, **options)
-    fingerprint = model_fingerprint(model.config)
-    use_kvtrain_attention(model)
-    if "quantization_config" in options:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    dataset = task_dataset(items, task_args, tokenizer)
-    check_sequence_length(model.config, dataset, tokenizer, config, model_args.model_name_or_path)
-    trainer = CompressedGRPOTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args) if model_args.use_peft else None,
-        callbacks=callbacks,
-        kv_config=kv_config,
-        task_args=task_args,
-        run_record=record,
-    )
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if zero3 and task_args.merge_adapter:
-        raise UserError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
-    return GRPORun(lock, task_args, kv_args, config, model_args, kv_config, trainer, tokenizer, fingerprint, resume,
-                   resume_changes)
+        model, tokenizer = load_model(model_args.model_name_or_path, **options)
+        fingerprint = model_fingerprint(model.config)
+        use_kvtrain_attention(model)
+        if "quantization_config" in options:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        dataset = task_dataset(items, task_args, tokenizer)
+        check_sequence_length(model.config, dataset, tokenizer, config, model_args.model_name_or_path)
+        trainer = CompressedGRPOTrainer(
+            model=model,
+            reward_funcs=rewards,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args) if model_args.use_peft else None,
+            callbacks=callbacks,
+            kv_config=kv_config,
+            task_args=task_args,
+            run_record=record,
+        )
+        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 and task_args.merge_adapter:
+            raise UserError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
+        run = GRPORun(lock, task_args, kv_args, config, model_args, kv_config, trainer, tokenizer, fingerprint, resume,
+                      resume_changes)
+        on_error.pop_all()
+    return run
 
 
 def train(run: GRPORun):
@@ -220,5 +226,4 @@ def main(argv: list[str] | None = None, *, callbacks: list[TrainerCallback] | No
     try:
         return save(run, train(run))
     finally:
-        if run.trainer.accelerator.is_main_process:
-            run.lock.release()
+        run.lock.release()  # every process holds the lock: each lets go, the last removes the file
