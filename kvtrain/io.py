@@ -320,11 +320,13 @@ def read_checked_json(path: str | Path, what: str) -> Any:
     return data
 
 
-def write_manifest(folder: str | Path) -> None:
-    """Record the size and sha256 of every file under `folder` (but the manifest itself) in `folder/MANIFEST`."""
+def write_manifest(folder: str | Path, skip: Callable[[Path], bool] = lambda relative: False) -> None:
+    """Record the size and sha256 of every file under `folder` (but the manifest itself, and those whose path
+    relative to `folder` `skip` names) in `folder/MANIFEST`."""
     folder = Path(folder)
     files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_of_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+             for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and not skip(p.relative_to(folder))}
     write_checked_json(folder / MANIFEST, {"files": files})
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kvtrain.artifacts.checkpoint import ARTIFACT_DIR, MANIFEST, TRAINING_METADATA, read_training_metadata
 from kvtrain.hub.card import BaseModel, EvalReport, model_card
+from kvtrain.io import MANIFEST as OUTPUT_MANIFEST
 from kvtrain.hub.validate import CheckedCheckpoint, PublishError, check_checkpoint, training_step
 from kvtrain.models import EMBEDDED_ORIGINS
 from kvtrain.runtime.pretrained import ADAPTER_CONFIG, is_local_path
@@ -35,7 +36,8 @@ from kvtrain.runtime.pretrained import ADAPTER_CONFIG, is_local_path
 CARD = "README.md"
 # A pickle of the TrainingArguments (it may hold a token passed as an argument); kvtrain_training.json has the
 # same arguments as JSON with tokens redacted.
-NOT_PUBLISHED = {"training_args.bin", CARD}
+# The output manifest names the local files; the card lists the sha256 of the uploaded ones (some rewritten).
+NOT_PUBLISHED = {"training_args.bin", CARD, OUTPUT_MANIFEST}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -30,6 +30,7 @@ from kvtrain.artifacts.checkpoint import (
 )
 from kvtrain.config import KVCompressionConfig
 from kvtrain.errors import UserError
+from kvtrain.io import CorruptFileError, manifest_problem
 from kvtrain.models import EMBEDDED_MODELS, check_fingerprint, load_model, model_fingerprint
 from kvtrain.runtime.cache import CompressedCache
 
@@ -46,11 +47,14 @@ def load_compressed(
     """(model, tokenizer, KVCompressionConfig) of a checkpoint folder, the model in eval mode.
 
     The config's artifact paths point into the checkpoint's ``kv_compression/``. `base_model` replaces the base
-    a LoRA checkpoint's metadata names (for a base kept elsewhere on this machine). Raises ValueError when the
-    bundle is incomplete or altered, when the base cannot be found, or when the loaded weights' fingerprint
-    differs from the recorded one.
+    a LoRA checkpoint's metadata names (for a base kept elsewhere on this machine). Raises ValueError when a file
+    of the checkpoint or its bundle is incomplete or altered (their manifests), when the base cannot be found, or
+    when the loaded weights' fingerprint differs from the recorded one.
     """
     path = Path(path)
+    damaged = manifest_problem(path)
+    if damaged is not None:
+        raise CorruptFileError(f"{path}: {damaged}; train again or restore the folder from a copy")
     bundle = read_bundle(path)
     metadata = read_training_metadata(path)
     source = f"{bundle.folder}/compression.json"

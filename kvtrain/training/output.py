@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvtrain.artifacts.checkpoint import BundleSource, write_bundle, write_training_metadata
+from kvtrain.artifacts.checkpoint import ARTIFACT_DIR, BundleSource, write_bundle, write_training_metadata
 from kvtrain.config import KVCompressionConfig
+from kvtrain.io import LOCK_FILE, write_manifest
 from kvtrain.training.projections import TrainableProjections
 
 
@@ -39,3 +40,12 @@ def write_artifacts(
     bundled = kv_config.with_artifact_paths(bundle)
     write_bundle(output_dir, bundled.to_dict(), sources, metadata.get("model_fingerprint", {}))
     write_training_metadata(output_dir, metadata)
+
+
+def write_output_manifest(output_dir: str | Path) -> None:
+    """The sha256 of every file of a finished output (weights, tokenizer, metadata and `kv_compression/`), which
+    `kvtrain.load_compressed` checks; the checkpoints inside it have manifests of their own."""
+    def skip(relative: Path) -> bool:  # checkpoints, and the job's own lock (gone once it ends)
+        return relative.name == LOCK_FILE or (len(relative.parts) > 1 and relative.parts[0] != ARTIFACT_DIR)
+
+    write_manifest(output_dir, skip=skip)

@@ -37,7 +37,7 @@ from kvtrain.training.launch import (
     parse_recipe_args,
 )
 from kvtrain.training.model_options import load_options
-from kvtrain.training.output import write_artifacts
+from kvtrain.training.output import write_artifacts, write_output_manifest
 from kvtrain.training.projections import TrainableProjections
 from kvtrain.training.resume import check_resume, resolve_resume, run_record
 from kvtrain.training.teacher import AdapterDisabledTeacher, FrozenCopyTeacher
@@ -258,6 +258,7 @@ def save(run: Run, result) -> Path:
             projections=run.projections,
         )
         permissions_as_created(output_dir.glob("*.safetensors"))  # the weights: private as safetensors writes them
+        write_output_manifest(output_dir)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtrain.io import DIGEST_KEY, write_checked_json
+from kvtrain.io import DIGEST_KEY, MANIFEST, write_checked_json
+from kvtrain.training.output import write_output_manifest
 from tests.hub.local_hub import LocalHub
 from tests.training.conftest import TINY_ARGS
 
@@ -87,7 +88,8 @@ def copy_of(tmp_path):
 
 
 def rewrite_json(path: Path, change) -> None:
-    """Change a JSON file as a kvtrain that wrote it so would have: with its content digest recomputed."""
+    """Change a JSON file of a checkpoint as a kvtrain that wrote it so would have: its content digest and the
+    checkpoint's manifest recomputed."""
     data = json.loads(path.read_text())
     digest = data.pop(DIGEST_KEY, None)
     change(data)
@@ -95,6 +97,9 @@ def rewrite_json(path: Path, change) -> None:
         path.write_text(json.dumps(data, indent=2))
     else:
         write_checked_json(path, data)
+    for folder in (path.parent, path.parent.parent):
+        if (folder / MANIFEST).is_file():
+            write_output_manifest(folder)
 
 
 def closed_port() -> int:

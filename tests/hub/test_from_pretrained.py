@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kvtrain
+from kvtrain.io import MANIFEST as OUTPUT_MANIFEST
 from kvtrain.config import KVCompressionConfig
 from kvtrain.data import load_texts, token_blocks
 from kvtrain.runtime.cache import CompressedCache
@@ -98,8 +99,22 @@ def test_a_newer_schema_version_is_refused(lora_checkpoint, copy_of):
         kvtrain.from_pretrained(checkpoint)
 
 
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "kvtrain_training.json"])
+def test_a_damaged_or_truncated_file_of_the_checkpoint_is_refused_naming_it(lora_checkpoint, copy_of, name):
+    for damage in ("flip", "truncate"):
+        checkpoint = copy_of(lora_checkpoint) if damage == "flip" else checkpoint
+        path = checkpoint / name
+        data = bytearray(path.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data if damage == "flip" else data[: len(data) // 2]))
+        with pytest.raises(ValueError, match=rf"{name} (does not match the sha256|has \d+ bytes)"):
+            kvtrain.load_compressed(checkpoint)
+
+
 def test_a_missing_artifact_is_refused(lora_checkpoint, copy_of):
     checkpoint = copy_of(lora_checkpoint)
+    (checkpoint / OUTPUT_MANIFEST).unlink()  # the bundle's own manifest (the output's is tested above)
     (checkpoint / "kv_compression" / "query_stats.safetensors").unlink()
     with pytest.raises(ValueError, match=r"query_stats.safetensors: listed in config.json but missing"):
         kvtrain.from_pretrained(checkpoint)
@@ -107,6 +122,7 @@ def test_a_missing_artifact_is_refused(lora_checkpoint, copy_of):
 
 def test_an_altered_artifact_is_refused(lora_checkpoint, copy_of):
     checkpoint = copy_of(lora_checkpoint)
+    (checkpoint / OUTPUT_MANIFEST).unlink()  # the bundle's own manifest (the output's is tested above)
     path = checkpoint / "kv_compression" / "query_stats.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 1

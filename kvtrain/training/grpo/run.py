@@ -42,7 +42,7 @@ from kvtrain.training.launch import (
     parse_recipe_args,
 )
 from kvtrain.training.model_options import load_options
-from kvtrain.training.output import write_artifacts
+from kvtrain.training.output import write_artifacts, write_output_manifest
 from kvtrain.training.resume import check_resume, resolve_resume, run_record
 
 logger = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ def save(run: GRPORun, result) -> Path:
             },
         )
         permissions_as_created(output_dir.glob("*.safetensors"))  # the weights: private as safetensors writes them
+        write_output_manifest(output_dir)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
