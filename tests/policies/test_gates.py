@@ -8,7 +8,9 @@ import torch
 
 from kvtrain.config import KVCompressionConfig, MergeConfig, QuantConfig, ScheduleConfig, ScorerConfig
 from kvtrain.models import tiny_model
-from kvtrain.policies.gates import GATES_ATTRIBUTE, attached_gates
+from kvtrain.models.rope import apply_rope, rope_cos_sin
+from kvtrain.policies import ScoreInputs
+from kvtrain.policies.gates import GATES_ATTRIBUTE, GateScorer, RetentionGates, attached_gates
 from kvtrain.runtime.cache import CompressedCache
 from kvtrain.runtime.decode import teacher_forced_decode
 from kvtrain.runtime.replay import replay_compression
@@ -136,7 +138,40 @@ def test_untrained_threshold_gate_is_the_full_cache(tokens):
     _, decoded = decode(untrained, threshold_config(), tokens)
     with torch.no_grad():
         full = untrained(input_ids=tokens, use_cache=False).logits
+        with gate_relaxation(untrained, threshold_config(), prefill_len=PREFILL):
+            relaxed = untrained(input_ids=tokens, use_cache=False).logits
     assert (decoded - full).abs().max().item() <= 1e-4
+    assert (relaxed - full).abs().max().item() <= 1e-4
+
+
+def test_scorer_logit_is_the_gate_of_the_unrotated_key_and_is_kept_once_written():
+    """Closed form: w . [k_pre; v] + bias for new tokens, where the stored key is k_pre rotated at its RoPE position
+    (left padding shifts it); tokens with history keep the logit they were written with, whatever their (archived,
+    possibly quantised) key and value read now."""
+    gen = torch.Generator().manual_seed(7)
+    b, h, n, d = 2, 2, 6, 8
+    gates = RetentionGates(num_layers=1, num_kv_heads=h, head_dim=d)
+    with torch.no_grad():
+        gates.weight.normal_(generator=gen)
+        gates.bias.normal_(generator=gen)
+    pre, values = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen)
+    positions = torch.arange(3, 3 + n).expand(b, h, n)
+    rope_offset = torch.tensor([0, 2])
+    cos, sin = rope_cos_sin(positions[:, 0] - rope_offset[:, None], d)
+    keys = apply_rope(pre, cos, sin)
+    history = torch.zeros(b, h, n, dtype=torch.bool)
+    history[:, :, :2] = True
+    written = torch.randn(b, h, n, generator=gen)
+    inputs = ScoreInputs(keys=keys, values=values, positions=positions, valid=torch.ones(b, h, n, dtype=torch.bool),
+                         has_history=history, queries=torch.zeros(b, h, 1, d), query_positions=torch.tensor([8]),
+                         rope_offset=rope_offset, scaling=d**-0.5, layer_idx=0, last_event_position=4)
+    scorer = GateScorer()
+    scorer.gates = gates
+    scores, state = scorer(inputs, {"logit": written})
+    expected = torch.einsum("bhnf,hf->bhn", torch.cat([pre, values], -1), gates.weight[0]) + gates.bias[0][:, None]
+    expected = torch.where(history, written, expected)
+    torch.testing.assert_close(scores, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(state["logit"], scores)
 
 
 def test_budget_cap_bounds_the_threshold_cache(model, tokens):
@@ -204,3 +239,18 @@ def test_noisy_relaxation_trains_the_gates(model, tokens):
         loss.backward()
     grad = getattr(model, GATES_ATTRIBUTE).weight.grad
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_gate_weights_load_from_a_file(model, tokens, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "gates.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in getattr(model, GATES_ATTRIBUTE).state_dict().items()}, path)
+    fresh = tiny_model("llama", num_layers=2, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=97, seed=0)
+    config = threshold_config(scorer=ScorerConfig("gate", {"mode": "threshold", "window": WINDOW, "weights": str(path)}))
+    _, expected = decode(model, threshold_config(), tokens)
+    _, loaded = decode(fresh, config, tokens)
+    assert torch.equal(expected, loaded)
+    other = tiny_model("llama", num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=97, seed=0)
+    with pytest.raises(ValueError, match="weight is \\(2, 2, 32\\), this model needs \\(3, 2, 32\\)"):
+        CompressedCache.for_model(other, config)
