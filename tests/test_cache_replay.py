@@ -58,6 +58,7 @@ SCORER_CASES = [
     ("value_norm", {}),
     ("expected_attention", {}),
     ("gkv", {}),
+    ("gate", {}),
     ("gkv", {"selection": "per_layer"}),
     ("snapkv", {"selection": "head_adaptive"}),
     ("h2o", {"merge": MergeConfig(threshold=0.0), "query_window": 8}),

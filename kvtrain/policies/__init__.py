@@ -7,6 +7,7 @@ from __future__ import annotations
 from kvtrain.policies import (  # noqa: F401
     budgets,
     expected_attention,
+    gates,
     gkv,
     h2o,
     keepkv,

@@ -106,6 +106,15 @@ class Scorer:
     def __call__(self, inputs: ScoreInputs, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def bind(self, model) -> None:
+        """Called once with the model when the runtime builds the scorer: a scorer with learned parameters
+        (the retention gates) takes them from the model here, so that training updates reach it."""
+
+    def discards(self, inputs: ScoreInputs, scores: Tensor) -> Tensor | None:
+        """Candidates ``[b, h_kv, n]`` bool to evict at this event whatever the budget (threshold policies), or
+        None. Protected keys (sinks, recent, whitelist) are kept all the same."""
+        return None
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}

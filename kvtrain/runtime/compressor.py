@@ -164,7 +164,8 @@ class LayerCompressor:
         with torch.no_grad():
             scorer_state = _prefixed(stored.state, _SCORER_STATE)
             scores, scorer_state = self.scorer(_detached(inputs), scorer_state)
-        if not self._over_budget(stored, tokens_seen):
+            discard = self.scorer.discards(inputs, scores)
+        if not self._over_budget(stored, tokens_seen) and (discard is None or not bool(discard.any())):
             # Stateful scorers still account for the queries of this interval, and the recent tokens are
             # archived through the codecs all the same.
             return _flushed(stored, scorer_state), None
@@ -177,9 +178,10 @@ class LayerCompressor:
                 seen=tokens_seen,
                 whitelist=policy.whitelist,
             )
+            candidates = stored.valid if discard is None else stored.valid & (protected | ~discard)
             keep_idx, keep_valid = select(
                 scores,
-                stored.valid,
+                candidates,
                 stored.positions,
                 policy.budget_at(tokens_seen),
                 protected=protected,
@@ -298,7 +300,12 @@ def build_compressors(
     model_config = model.config
     policies, codecs = bind_config(config, model_config, projections=projections)
     rope = model_rope(model, dtype=torch.float32)
-    return [LayerCompressor(policy, codecs[i], rope) if policy is not None else None for i, policy in enumerate(policies)]
+    compressors = [LayerCompressor(policy, codecs[i], rope) if policy is not None else None
+                   for i, policy in enumerate(policies)]
+    for compressor in compressors:
+        if compressor is not None:
+            compressor.scorer.bind(model)  # a scorer with weights of its own (gates) reads them from the model
+    return compressors
 
 
 def bind_config(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kvtrain.policies import SCORERS, build_scorer
 from kvtrain.policies.base import ScoreInputs
+from kvtrain.policies.gates import GATES_ATTRIBUTE, RetentionGates
 
 from . import left_pad, make_inputs, make_state, ref_attention
 
@@ -240,6 +242,16 @@ def test_gkv_redundancy_spares_the_newest_copy():
 SCORER_PARAMS = {"snapkv": {"window": 6}}
 
 
+def _model_with_random_gates(inputs):
+    """What a scorer with weights of its own (the retention gates) binds to: random gates shaped like `inputs`."""
+    _, heads, _, head_dim = inputs.keys.shape
+    gates = RetentionGates(inputs.layer_idx + 1, heads, head_dim)
+    with torch.no_grad():
+        gates.weight.normal_(generator=torch.Generator().manual_seed(5))
+        gates.bias.normal_(generator=torch.Generator().manual_seed(6))
+    return SimpleNamespace(**{GATES_ATTRIBUTE: gates})
+
+
 @pytest.mark.parametrize("name", sorted(SCORERS))
 @pytest.mark.parametrize(("case", "pad", "pad_queries"), [("long", 4, 0), ("short", 3, 2)])
 def test_left_padding_does_not_change_scores(name, case, pad, pad_queries):
@@ -250,6 +262,7 @@ def test_left_padding_does_not_change_scores(name, case, pad, pad_queries):
     state = make_state(inputs, 14)
     padded, padded_state = left_pad(inputs, state, pad, pad_queries)
     scorer = build_scorer(name, SCORER_PARAMS.get(name, {}))
+    scorer.bind(_model_with_random_gates(inputs))
     scores, new_state = scorer(inputs, state)
     padded_scores, padded_new_state = scorer(padded, padded_state)
     assert torch.isfinite(padded_scores).all()

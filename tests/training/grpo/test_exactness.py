@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtrain.policies.gates import GATES_ATTRIBUTE, attached_gates
 from kvtrain.config import KVCompressionConfig, MergeConfig, QuantConfig, ScheduleConfig, ScorerConfig
 from kvtrain.runtime.decode import position_ids_from_mask
 from kvtrain.runtime.replay import replay_compression
@@ -33,7 +34,20 @@ CASES = {
     "gkv": gkv(),
     "gkv+keepkv": gkv(merge=MergeConfig()),
     "gkv+4bit-values": gkv(quant=QuantConfig(key_bits=None, value_bits=4, group_size=32), selection="per_layer"),
+    # Learned retention gates (random weights here), threshold mode capped by the budget.
+    "gate-threshold": gkv(scorer=ScorerConfig("gate", {"mode": "threshold", "window": 8})),
 }
+
+
+@pytest.fixture
+def gated(smollm2):
+    """SmolLM2 with random retention gates attached for the test (removed after, the fixture is shared)."""
+    model, _ = smollm2
+    gates = attached_gates(model)
+    with torch.no_grad():
+        gates.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    yield
+    delattr(model, GATES_ATTRIBUTE)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +69,10 @@ def sampled_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, prefill: int)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_replayed_logprobs_are_the_samplers(smollm2, prompts, name):
+def test_replayed_logprobs_are_the_samplers(smollm2, prompts, name, request):
     model, tokenizer = smollm2
+    if name.startswith("gate"):
+        request.getfixturevalue("gated")
     config = CASES[name]
     prefill = prompts["input_ids"].shape[1]
     torch.manual_seed(0)
