@@ -10,6 +10,7 @@ from kvtrain.policies import (  # noqa: F401
     gkv,
     h2o,
     keepkv,
+    kvzip,
     norms,
     select,
     snapkv,
