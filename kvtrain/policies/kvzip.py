@@ -44,7 +44,7 @@ def kvzip_table(table: Tensor) -> Iterator[None]:
     """Make `table` ``[b, layers, h_kv, columns]`` (from `reconstruction_scores`) the scores of every
     `KVzipScorer` event run inside the block."""
     if table.dim() != 4:
-        raise ValueError(f"kvzip score table must be [batch, layers, kv_heads, columns], got shape {tuple(table.shape)}")
+        raise ValueError(f"kvzip score table must be [batch, layers, kv_heads, columns], not {tuple(table.shape)}")
     if torch.isnan(table).any():
         raise ValueError("kvzip score table holds NaN")
     token = _TABLE.set(table)
