@@ -98,6 +98,16 @@ def _summarise(out: Path, rows: list[dict]) -> None:
             values = torch.tensor([by_key[(i, policy, ratio)] for i in common])
             low, high = bootstrap(values, 2000, gen)
             lines.append(f"| {policy} | {ratio} | {values.mean():.3f} | [{low:.3f}, {high:.3f}] | {len(common)} |")
+    lines += ["", "Paired differences (same items):", "",
+              "| difference | ratio | mean | 95% interval |", "|---|---|---|---|"]
+    for ratio in RATIOS:
+        common = [i for i in items if all((i, p, ratio) in by_key for p in POLICIES)]
+        for other in POLICIES[:-1]:
+            if not common:
+                continue
+            diffs = torch.tensor([by_key[(i, "kvzip", ratio)] - by_key[(i, other, ratio)] for i in common])
+            low, high = bootstrap(diffs, 2000, gen)
+            lines.append(f"| kvzip - {other} | {ratio} | {diffs.mean():+.3f} | [{low:+.3f}, {high:+.3f}] |")
     atomic_write_text(out / "needles.md", "\n".join(lines) + "\n")
 
 
