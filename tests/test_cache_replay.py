@@ -83,7 +83,8 @@ def test_replay_logits_equal_decode_logits(llama, tokens, scorer, overrides):
 
 
 def test_every_registered_scorer_is_covered_by_parity():
-    assert {name for name, _ in SCORER_CASES} == set(SCORERS)
+    # kvzip needs its reconstruction table around both paths: its parity is in tests/test_kvzip.py.
+    assert {name for name, _ in SCORER_CASES} == set(SCORERS) - {"kvzip"}
 
 
 def test_compression_changes_the_logits(llama, tokens):

@@ -11,6 +11,7 @@ from kvtrain.policies import (  # noqa: F401
     gkv,
     h2o,
     keepkv,
+    kvzip,
     norms,
     select,
     snapkv,
