@@ -252,7 +252,12 @@ def _model_with_random_gates(inputs):
     return SimpleNamespace(**{GATES_ATTRIBUTE: gates})
 
 
-@pytest.mark.parametrize("name", sorted(SCORERS))
+# KVzip looks its scores up in a table a model pass computes over the (padded) prompt itself; its padding
+# invariance is tested there (tests/test_kvzip.py::test_left_padded_row_scores_like_unpadded).
+TABLE_SCORERS = {"kvzip"}
+
+
+@pytest.mark.parametrize("name", sorted(set(SCORERS) - TABLE_SCORERS))
 @pytest.mark.parametrize(("case", "pad", "pad_queries"), [("long", 4, 0), ("short", 3, 2)])
 def test_left_padding_does_not_change_scores(name, case, pad, pad_queries):
     if case == "long":
