@@ -123,7 +123,9 @@ class CompressedLayer(AttendingLayer):
             return
         window = self.compressor.policy.query_window
         queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
-        self.queries = queries[:, :, -window:].detach()
+        trimmed = queries.shape[2] > window
+        # A copy when trimmed: the view would keep every query of the forward alive (all of a prefill's).
+        self.queries = queries[:, :, -window:].detach().clone() if trimmed else queries.detach()
         if self.clock.tick(q_len):
             n_window = self.queries.shape[2]
             positions = torch.arange(self.seen - n_window, self.seen, device=query.device)
