@@ -156,7 +156,9 @@ def _cache_size(checked: CheckedCheckpoint) -> str:
         f"**{m.bytes_per_token:,.0f} bytes per token seen** ({m.stored_dtype} storage). A full cache of this model "
         f"holds {m.full_bytes_per_token:,} bytes per token in {m.stored_dtype} "
         f"({m.bytes_per_token / m.full_bytes_per_token:.1%} of it here) and "
-        f"{m.full_bytes_per_token_16bit:,} bytes per token at 16 bits. With a budget the compressed cache stays "
+        f"{m.full_bytes_per_token_16bit:,} bytes per token at 16 bits. Besides its keys and values the cache held "
+        f"{m.bookkeeping_bytes:,} bytes of bookkeeping ({m.bookkeeping_bytes / m.seen:,.0f} per token seen: positions, "
+        "validity flags, merge votes, scorer state, the scorer's query window). With a budget the compressed cache stays "
         "the same size as the context grows, so its share of a full cache falls with length."
     )
 

@@ -4,7 +4,8 @@ The checkpoint is loaded the way a user will load it (`kvtrain.from_pretrained`:
 bundle file, the model fingerprint of the bundle and of each safetensors artifact), then generates greedily
 under its compressed cache from a held-out prompt of the embedded text. That generation must produce finite
 scores, and its cache gives the bytes per token the card reports (`CompressedCache.nbytes` over the tokens
-seen, against a full cache of the same model).
+seen, against a full cache of the same model), and the bookkeeping it holds besides (`kvtrain.eval.cache_bytes`:
+positions, validity flags, votes, scorer state, the scorer's query window).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from kvtrain.artifacts.checkpoint import check_artifact_fingerprints, read_bundle, read_training_metadata
 from kvtrain.config import ConfigError
 from kvtrain.data import load_texts, token_blocks
+from kvtrain.eval.cache_bytes import cache_bytes
 from kvtrain.models import head_dim
 from kvtrain.runtime.pretrained import ADAPTER_CONFIG, CompressedModel, from_pretrained
 
@@ -35,6 +37,7 @@ class CacheMeasure:
     new_tokens: int
     seen: int  # tokens the cache has seen (the last generated token is never fed back)
     nbytes: int
+    bookkeeping_bytes: int  # positions, validity flags, votes, scorer state and query window, besides `nbytes`
     stored_dtype: str
     full_bytes_per_token: int  # a full cache in `stored_dtype`
     full_bytes_per_token_16bit: int
@@ -111,6 +114,7 @@ def measure_cache(loaded: CompressedModel, *, prompt_tokens: int, new_tokens: in
         new_tokens=new_tokens,
         seen=cache.get_seq_length(),
         nbytes=cache.nbytes(),
+        bookkeeping_bytes=round(cache_bytes(cache, config).bookkeeping * cache.get_seq_length()),  # one row
         stored_dtype=str(dtype).removeprefix("torch."),
         full_bytes_per_token=elements * dtype.itemsize,
         full_bytes_per_token_16bit=elements * 2,

@@ -126,7 +126,9 @@ class CompressedLayer(AttendingLayer):
             return
         window = self.compressor.policy.query_window
         queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
-        self.queries = queries[:, :, -window:].detach()
+        trimmed = queries.shape[2] > window
+        # A copy when trimmed: the view would keep every query of the forward alive (all of a prefill's).
+        self.queries = queries[:, :, -window:].detach().clone() if trimmed else queries.detach()
         if self.clock.tick(q_len):
             n_window = self.queries.shape[2]
             positions = torch.arange(self.seen - n_window, self.seen, device=query.device)
@@ -147,9 +149,11 @@ class CompressedLayer(AttendingLayer):
                 )
             if record is not None and self.record:
                 self.records.append(record)
-            if self.record:
-                for side in discrete_sides(self.compressor.codecs):
-                    self._code_blocks.setdefault(side, []).append(self.stored.store(side).fresh)
+            for side in discrete_sides(self.compressor.codecs):
+                store = self.stored.store(side)
+                if self.record:
+                    self._code_blocks.setdefault(side, []).append(store.fresh)
+                store.fresh = None  # read once here: the store holds no second copy of what it archived
         self._sync()
 
     @property

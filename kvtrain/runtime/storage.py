@@ -107,14 +107,18 @@ class TokenStore:
                 "every head: use selection 'per_layer' with quantisation"
             )
         archive = {name: _gather(t, idx[:, :1] if name in shared else idx) for name, t in encoded.items()}
-        return TokenStore(self.recent[:, :, :0], self.codec, archive, self.straight_through, fresh)
+        return TokenStore(self._no_recent(), self.codec, archive, self.straight_through, fresh)
 
     def flush(self, recorded: Encoded | None = None) -> "TokenStore":
         """Archive the recent tokens without evicting any (a compression event under budget)."""
         if self.codec is None or self.recent.shape[2] == 0:
             return self
         encoded, fresh = self._all_encoded(recorded)
-        return TokenStore(self.recent[:, :, :0], self.codec, encoded, self.straight_through, fresh)
+        return TokenStore(self._no_recent(), self.codec, encoded, self.straight_through, fresh)
+
+    def _no_recent(self) -> Tensor:
+        # A new empty tensor, not `recent[:, :, :0]`: that view would keep the whole archived buffer alive.
+        return self.recent.new_empty(*self.recent.shape[:2], 0, self.recent.shape[3])
 
     @property
     def nbytes(self) -> int:

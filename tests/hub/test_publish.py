@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import kvtrain
 from kvtrain.cli import main as cli
+from kvtrain.eval.cache_bytes import cache_bytes
 from kvtrain.hub.publish import Request, publish
 from kvtrain.hub.validate import PublishError
 from kvtrain.runtime.cache import CompressedCache
@@ -89,6 +90,9 @@ def test_the_card_reports_the_bytes_the_compressed_cache_holds(lora_checkpoint, 
     assert (f"({seen} tokens seen), the compressed cache held {nbytes:,} bytes, **{nbytes / seen:,.0f} bytes per "
             f"token seen** (float32 storage). A full cache of this model holds 256 bytes per token in float32 "
             f"({nbytes / seen / 256:.1%} of it here) and 128 bytes per token at 16 bits") in plan.card
+    bookkeeping = round(cache_bytes(cache, loaded.model.config).bookkeeping * seen)
+    assert bookkeeping > 0 and (f"the cache held {bookkeeping:,} bytes of bookkeeping ({bookkeeping / seen:,.0f} "
+                                "per token seen") in plan.card
 
 
 def test_an_evaluation_report_goes_into_the_card_and_under_eval(lora_checkpoint, tmp_path, capsys):
