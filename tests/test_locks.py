@@ -85,3 +85,19 @@ def test_calibrate_into_a_folder_another_job_holds_is_refused(model_dir, tmp_pat
         holder.wait()
     assert code == 2 and f"in use by another job (pid {holder.pid}" in output and "--out first" in output, output
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written beside the holder's lock
+
+
+def test_a_calibration_stopped_by_its_damaged_checkpoint_lets_go(model_dir, tmp_path, capsys):  # noqa: F811
+    from kvtrain.calibrate.run import PROGRESS, STATE_DIR, _State
+
+    out = tmp_path / "calib"
+    state = out / "kv_compression" / STATE_DIR
+    _State(state, {"model_fingerprint": "m"}).save(None, 1)
+    progress = state / PROGRESS
+    progress.write_text(progress.read_text().replace('"blocks_done": 1', '"blocks_done": 2'))
+    damaged = progress.read_bytes()
+    code, output = kvtrain_cli(["calibrate", "--model", str(model_dir), "--out", str(out), "--fit", "head-budgets",
+                                "--num-blocks", "2", "--block-len", "16", "--no-progress"], capsys)
+    assert code == 2 and f"{progress}: its content does not match the sha256" in output, output
+    assert progress.read_bytes() == damaged and not (out / LOCK_FILE).exists()
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [PROGRESS]

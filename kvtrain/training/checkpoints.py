@@ -21,7 +21,7 @@ from pathlib import Path
 import transformers.trainer as hf_trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from kvtrain.io import write_manifest
+from kvtrain.io import permissions_as_created, write_manifest
 
 STAGING_PREFIX = "tmp-checkpoint"
 _COMPLETE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -61,6 +61,7 @@ class AtomicCheckpoints:
             self.save_extra_files(staging)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            permissions_as_created(staging.rglob("*.safetensors"))  # weights: private as safetensors writes them
             write_manifest(staging)
             publish(staging, final_dir(run_dir, self.state.global_step))
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)

@@ -15,8 +15,9 @@ import torch
 
 from kvtrain.calibrate.run import _State
 from kvtrain.errors import UserError
-from kvtrain.io import MANIFEST, CorruptFileError, read_checked_json, write_checked_json
+from kvtrain.io import LOCK_FILE, MANIFEST, CorruptFileError, process_umask, read_checked_json, write_checked_json
 from kvtrain.training.resume import checkpoint_problem, resolve_resume
+from tests.damage import flip, truncate
 from tests.training.conftest import TINY_ARGS, run_distill, training_metadata
 
 
@@ -31,16 +32,6 @@ def trained(tiny_model_dir, tmp_path_factory) -> Path:
     done = run_distill(_args(tiny_model_dir, out, "--max_steps", "2", "--save_steps", "1"))
     assert done.returncode == 0, done.stderr[-2000:]
     return out
-
-
-def flip(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 @pytest.mark.parametrize("damage", [flip, truncate])
@@ -79,6 +70,13 @@ def test_resuming_on_a_rewritten_data_file_is_refused(tiny_model_dir, tmp_path):
                                 str(data)))
     assert resumed.returncode == 2, resumed.stderr[-2000:]
     assert "data.sha256:" in resumed.stderr and "differ from the run that wrote it" in resumed.stderr
+    assert not (out / LOCK_FILE).exists()  # refused after taking the folder: it gives it back
+
+
+def test_mid_run_checkpoint_weights_follow_the_umask(trained):
+    """safetensors writes its files private (0600); a checkpoint's weights get what open() would have given them."""
+    for weights in trained.glob("checkpoint-*/*.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~process_umask(), weights
 
 
 def test_a_damaged_calibration_checkpoint_is_refused(tmp_path):
