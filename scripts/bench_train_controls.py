@@ -187,20 +187,22 @@ def main() -> None:
     if args.base_only:
         return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    steps = {f: json.loads((TRAINED / f / "kvtrain_training.json").read_text()).get("global_step")
-             for _, seeds, c in recipes.values() for f in [*seeds, c]}
+    runs = {f: json.loads((TRAINED / f / "kvtrain_training.json").read_text())["arguments"]
+            for _, seeds, c in recipes.values() for f in [*seeds, c]}
+    steps = {f: (a["training"]["max_steps"], a["training"]["seed"], a["distillation"]["student_cache"])
+             for f, a in runs.items()}
     header = [
         "# Does training pay off? Controls and seeds",
         "",
         f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch threads 1; "
         f"date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
-        f"- command: `python scripts/bench_train_controls.py --blocks {args.blocks}` after "
+        f"- command: `python scripts/bench_train_controls.py --recipes {' '.join(args.recipes)} --blocks {args.blocks}` after "
         "`scripts/train_eval_checkpoints.sh` (see README.md next to this file for the steps run)",
         f"- {args.blocks} filtered held-out blocks x {CONTINUATION} scored tokens (context {CONTEXT}, compressed), "
         f"replay; 95% intervals: percentile bootstrap over blocks ({BOOTSTRAP} draws), paired on blocks",
         f"- scoring took {(time.perf_counter() - start) / 60:.1f} min; 5-minute load {load_before:.1f} at the start, "
         f"{os.getloadavg()[1]:.1f} at the end (shared machine)",
-        f"- trained arms' recorded steps: {steps}",
+        f"- trained arms (max_steps, seed, student_cache) as recorded: {steps}",
         "",
     ]
     for r in records:
