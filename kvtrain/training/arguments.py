@@ -11,6 +11,9 @@ from typing import Optional
 
 from kvtrain.training.losses import DIVERGENCES, LossSpec
 
+# What the student attends to while training: the compression it is evaluated with, or the full cache (control).
+STUDENT_CACHES = ("compressed", "full")
+
 
 @dataclass
 class DistillationArguments:
@@ -38,6 +41,7 @@ class DistillationArguments:
     allow_resume_changes: bool = field(default=False, metadata={"help": "resume even though run-defining arguments (learning rate, compression, ...) differ from the checkpoint's run; the changes are recorded"})
     train_projections: bool = field(default=False, metadata={"help": "train the low-rank projections of the compression config (lowrank.projections) jointly with the student and save the trained ones as the output's artifacts"})
     projection_learning_rate: Optional[float] = field(default=None, metadata={"help": "peak learning rate of the trained projections, same schedule (default: learning_rate)"})
+    student_cache: str = field(default="compressed", metadata={"help": "'compressed': the student trains under the replayed compression; 'full': the domain-fit control, the same run (data, steps, lr, loss) with the student's forward uncompressed, recording the compression config it is evaluated with"})
 
     def __post_init__(self) -> None:
         if self.block_len < 2:
@@ -59,6 +63,12 @@ class DistillationArguments:
                 raise ValueError(f"projection_learning_rate={self.projection_learning_rate} is set but train_projections is false")
             if not self.projection_learning_rate > 0.0:
                 raise ValueError(f"projection_learning_rate={self.projection_learning_rate} must be > 0")
+        if self.student_cache not in STUDENT_CACHES:
+            raise ValueError(f"student_cache={self.student_cache!r} must be one of {STUDENT_CACHES}")
+        if self.student_cache == "full" and (self.on_policy_fraction > 0.0 or self.train_projections):
+            # Both would run the compressed cache during training, which the control must not see.
+            raise ValueError("student_cache='full' (the full-cache control) needs on_policy_fraction=0 and "
+                             "train_projections=false")
         self.loss_spec()  # validates loss, beta, temperature, ce_weight and the chunk sizes
 
     def loss_spec(self) -> LossSpec:

@@ -156,6 +156,8 @@ class CompressionDistillationTrainer(checkpoints.AtomicCheckpoints, Trainer):
         return self._replay(base)
 
     def _replay(self, base) -> contextlib.AbstractContextManager:
+        if self.distill_args.student_cache == "full":  # the domain-fit control: same run, no compression seen
+            return replay_disabled(base)
         pairs = self.projections.layer_pairs() if self.projections is not None else None
         return replay_compression(base, self.kv_config, prefill_len=self.distill_args.prefill_len, projections=pairs)
 
