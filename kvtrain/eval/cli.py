@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 # Suites with a command of their own here (loyalty and fidelity have theirs in kvtrain.cli).
-SUITE_COMMANDS = ("perplexity", "retrieval", "instructions", "reasoning", "memory")
+SUITE_COMMANDS = ("perplexity", "retrieval", "instructions", "reasoning", "memory", "ruler")
 
 
 def _compression_given(args: argparse.Namespace) -> bool:
