@@ -174,6 +174,10 @@ class RulerSuite(Suite):
     def build_items(self, tokenizer, options: RulerOptions) -> list[EvalItem]:
         return build_ruler_items(tokenizer, options)
 
+    def breakdown(self, result: SuiteResult, full: SuiteResult | None) -> list[dict]:
+        table = task_table(result, full)
+        return table + [{"task": "headline (non-diagnostic)", "accuracy": headline(table)}]
+
     def run(self, model, tokenizer, config, options: RulerOptions, *, progress: bool = False) -> SuiteResult:
         limit = model.config.max_position_embeddings
         skipped = [length for length in options.lengths if length + max(MAX_NEW_TOKENS.values()) > limit]
