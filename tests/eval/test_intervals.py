@@ -53,3 +53,41 @@ def test_non_finite_scores_are_refused():
         bootstrap_mean([0.5, math.nan])
     with pytest.raises(ValueError):
         paired_difference([1.0], [1.0, 0.0])
+
+
+def _result(scores):
+    from kvtrain.eval.suites import SuiteResult
+
+    return SuiteResult(items=[{"id": str(i), "response": str(s), "scores": {"answer": s}} for i, s in enumerate(scores)])
+
+
+def test_report_marks_a_difference_real_only_when_its_interval_excludes_zero():
+    from kvtrain.eval.suites import relative_metrics
+
+    full = _result([1.0] * 40)
+    lost = relative_metrics(_result([0.0] * 30 + [1.0] * 10), full)
+    assert lost["answer_minus_full"] == -0.75 and lost["answer_minus_full_ci95_high"] < 0
+    assert lost["answer_minus_full_real"] == 1.0
+    one = relative_metrics(_result([0.0] + [1.0] * 39), full)  # one item lost of 40: noise
+    assert one["answer_minus_full_ci95_low"] < 0 <= one["answer_minus_full_ci95_high"]
+    assert one["answer_minus_full_real"] == 0.0
+
+
+def test_perplexity_per_block_equals_all_blocks_at_once(tiny):
+    from kvtrain.eval.loyalty import evaluate_loyalty
+    from kvtrain.eval.suites import get_suite
+    from kvtrain.eval.suites.perplexity import heldout_blocks
+    from tests.eval.conftest import evict_config
+
+    model, tokenizer = tiny
+    suite = get_suite("perplexity")
+    options = suite.parse_options({"blocks": 3, "context_len": 40, "continuation_len": 8})
+    result = suite.run(model, tokenizer, evict_config(), options)
+    blocks = heldout_blocks(tokenizer, 3, 48)
+    (whole,) = evaluate_loyalty(model, [evict_config()], blocks, context_len=40, method="replay", progress=False)
+    assert math.log(result.metrics["perplexity"]) == pytest.approx(whole.nll_compressed, rel=1e-5)
+    assert result.metrics["kl"] == pytest.approx(whole.kl_full_to_compressed, rel=1e-4, abs=1e-7)
+    assert result.metrics["perplexity_ci95_low"] <= result.metrics["perplexity"] <= result.metrics["perplexity_ci95_high"]
+    assert result.metrics["scored_tokens"] == 24
+    full = suite.run(model, tokenizer, None, options)
+    assert math.log(full.metrics["perplexity"]) == pytest.approx(whole.nll_full, rel=1e-5)
