@@ -59,10 +59,10 @@ def vocabulary(tokenizer) -> tuple[str, ...]:
     return tuple(w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1)
 
 
-def fit_words(count: Callable[[int], int], most: int, target: int) -> int:
+def fit_words(count: Callable[[int], int], most: int, target: int, what: str = "ruler") -> int:
     """The largest n <= `most` with `count(n) <= target` (count grows with n), by binary search."""
     if count(0) > target:
-        raise ValueError(f"ruler: {target} tokens cannot hold the task without any filler")
+        raise ValueError(f"{what}: {target} tokens cannot hold the task without any filler")
     lo, hi = 0, most
     while lo < hi:
         mid = (lo + hi + 1) // 2
