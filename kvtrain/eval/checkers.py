@@ -89,6 +89,17 @@ def verbatim_prefix(response: str, reference: str | None = None, words: int | No
     return float(_words(response)[: len(expected)] == expected)
 
 
+@register_checker("all_present")
+def all_present(response: str, reference: str | None = None) -> float:
+    """RULER's string match: every value of the reference (values separated by "|") occurs in the response,
+    case ignored. A missing value fails the item, extra text does not."""
+    values = [v.strip().lower() for v in _need(reference, "all_present").split("|") if v.strip()]
+    if not values:
+        raise ValueError("all_present: the reference holds no value")
+    text = response.lower()
+    return float(all(v in text for v in values))
+
+
 # ------------------------------------------------------------------ instructions (each checks one instruction)
 @register_checker("lowercase")
 def lowercase(response: str, reference: str | None = None) -> float:

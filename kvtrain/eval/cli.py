@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 # Suites with a command of their own here (loyalty and fidelity have theirs in kvtrain.cli).
-SUITE_COMMANDS = ("perplexity", "retrieval", "instructions", "reasoning", "memory")
+SUITE_COMMANDS = ("perplexity", "retrieval", "instructions", "reasoning", "memory", "ruler")
 
 
 def _compression_given(args: argparse.Namespace) -> bool:
@@ -39,6 +39,7 @@ def cmd_suite(args: argparse.Namespace) -> None:
     rows = [{"cache": "compressed", **result.metrics}]
     output = {"model": args.model, "suite": args.suite, "config": config.to_dict(), "options": vars(options),
               "result": result.to_dict()}
+    full = None
     if args.reference:
         full = suite.run(model, tokenizer, None, options, progress=True)
         rows.insert(0, {"cache": "full", **full.metrics})
@@ -48,6 +49,10 @@ def cmd_suite(args: argparse.Namespace) -> None:
     if result.skipped:
         print(f"[kvtrain] {args.suite}: skipped for this configuration: {result.skipped}", file=sys.stderr)
     print_table(rows, title=f"{args.suite} ({args.model})")
+    breakdown = suite.breakdown(result, full)
+    if breakdown:
+        print_table(breakdown, title=f"{args.suite}: per task (95% Wilson intervals)")
+        output["breakdown"] = breakdown
     if args.out:
         atomic_write_text(args.out, json.dumps(output, indent=2, default=str))
         print(f"wrote {args.out}")

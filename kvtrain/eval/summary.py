@@ -11,7 +11,9 @@ from collections import defaultdict
 from typing import Any
 
 from kvtrain.eval import metrics as M
+from kvtrain.eval.intervals import interval
 from kvtrain.eval.suites import SuiteResult, get_suite, kept_where_full_right, quality_ratio, relative_metrics
+from kvtrain.eval.suites.base import block_differences
 from kvtrain.eval.sweep import FULL
 
 # Metrics measured in time or process memory: they differ run to run, so tables that must be reproducible
@@ -78,12 +80,27 @@ def results_table(records: list[dict[str, Any]], *, timings: bool = False) -> li
         row: dict[str, Any] = {"model": r["model"], "method": r["method"], "budget": r["budget"],
                                "suite": r["suite"], "skipped": result.skipped or ""}
         row.update({k: v for k, v in sorted(result.metrics.items()) if timings or not is_timing(k)})
+        row.update(_score_interval(suite, result))
         reference = full.get(r["suite"])
         if reference is not None and r["method"] != FULL and not result.skipped:
             row["quality_ratio"] = quality_ratio(suite, result, reference)
             row.update(relative_metrics(result, reference))
+            row.update(block_differences(result, reference))
         rows.append(row)
     return rows
+
+
+def _score_interval(suite, result: SuiteResult) -> dict[str, Any]:
+    """The 95% interval over items of an item suite's quality checks (Wilson for pass/fail, else bootstrap),
+    unless the suite reports its own."""
+    name = suite.quality_metric
+    scores = [row["scores"][check] for row in result.items if row.get("meta", {}).get("fix", "none") == "none"
+              for check in row["scores"] if suite.quality_checks and check.startswith(suite.quality_checks)]
+    if not scores or name is None or f"{name}_ci95_low" in result.metrics:
+        return {}
+    low, high, method = interval(scores)
+    return {"quality_checks_mean": M.mean(scores), "quality_checks_ci95_low": low, "quality_checks_ci95_high": high,
+            "interval": method}
 
 
 def overall_scores(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

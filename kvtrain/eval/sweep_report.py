@@ -94,7 +94,14 @@ def _suite_columns(suite_name: str, rows: list[dict[str, Any]]) -> list[str]:
                       "agreement_with_full"],
         "memory": ["bytes_per_token", "bytes_codes", "bytes_scales", "bytes_means", "bytes_lowrank_coef",
                    "bytes_residual", "bytes_bookkeeping"],
+        "ruler": ["accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "answer_where_full_right",
+                  "agreement_with_full"],
     }.get(suite_name, [])
+    # intervals over items, and the difference to the full cache paired on the same items (or blocks)
+    wanted += ["quality_checks_mean", "quality_checks_ci95_low", "quality_checks_ci95_high", "interval",
+               "perplexity_ci95_low", "perplexity_ci95_high", "nll_minus_full", "nll_minus_full_ci95_low",
+               "nll_minus_full_ci95_high", "nll_minus_full_real", "answer_minus_full", "answer_minus_full_ci95_low",
+               "answer_minus_full_ci95_high", "answer_minus_full_real"]
     present = {k for row in rows for k in row}
     return [c for c in wanted if c in present]
 
@@ -195,7 +202,10 @@ def write_report(out: str | Path, *, records: list[dict[str, Any]] | None = None
         text += ("\n## Does training pay off?\n\n`gap_closed` = (trained - base) / (full - base) under the same "
                  "compression (1: training reaches the full cache; 0: no change; negative: worse).\n\n"
                  + _table(gaps) + "\n" + _table(S.against_best_two_x(records)))
-    text += "\n## Suites\n"
+    text += ("\n## Suites\n\nIntervals are 95%: over items (Wilson for pass/fail scores, percentile bootstrap "
+             "otherwise; column `interval`) or over blocks (perplexity, bootstrap). `<check>_minus_full` is the "
+             "difference to the full cache paired on the same items (blocks for `nll`), with its paired-bootstrap "
+             "interval; `_real` is 1 only when that interval excludes 0.\n")
     for suite_name in _results_by_suite(records):
         text += _suite_section(suite_name, records, table, fractions, out)
     text += _fidelity_section(records, out)

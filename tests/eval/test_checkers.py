@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kvtrain.errors import UserError
-from kvtrain.eval.checkers import CHECKERS, UnknownCheckerError, get_checker, run_checker
+from kvtrain.eval.checkers import UnknownCheckerError, get_checker, run_checker
 
 
 @pytest.mark.parametrize(
@@ -92,3 +92,14 @@ def test_unknown_checker_and_bad_parameters_are_named():
 def test_checkers_import_without_torch():
     code = "import sys, kvtrain.eval.checkers, kvtrain.eval.metrics; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_all_present_is_ruler_string_match():
+    from kvtrain.eval.checkers import run_checker
+
+    assert run_checker("all_present", " 1234567 and 7654321.", "7654321|1234567") == 1.0  # any order
+    assert run_checker("all_present", " They are ALPHA, beta", "alpha|beta") == 1.0  # case ignored
+    assert run_checker("all_present", " 1234567 only", "7654321|1234567") == 0.0  # one value missing
+    assert run_checker("all_present", "", "x") == 0.0
+    with pytest.raises(ValueError, match="no value"):
+        run_checker("all_present", "x", " | ")

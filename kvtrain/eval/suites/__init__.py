@@ -10,6 +10,7 @@ from kvtrain.eval.suites.memory import MemorySuite
 from kvtrain.eval.suites.perplexity import LoyaltySuite, PerplexitySuite
 from kvtrain.eval.suites.reasoning import ReasoningSuite
 from kvtrain.eval.suites.retrieval import RetrievalSuite
+from kvtrain.eval.suites.ruler import RulerSuite
 
 
 class UnknownSuiteError(ConfigError):
@@ -19,7 +20,7 @@ class UnknownSuiteError(ConfigError):
 SUITES: dict[str, type[Suite]] = {
     suite.name: suite
     for suite in (PerplexitySuite, LoyaltySuite, FidelitySuite, RetrievalSuite, InstructionsSuite, ReasoningSuite,
-                  MemorySuite)
+                  MemorySuite, RulerSuite)
 }
 SUITE_NAMES = tuple(SUITES)
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from kvtrain.config import ConfigError
 from kvtrain.eval import metrics as M
+from kvtrain.eval.intervals import paired_difference
 
 
 @dataclass
@@ -64,6 +65,10 @@ class Suite:
         suite's sequences are short prompts whose length only the tokenizer knows."""
         return None
 
+    def breakdown(self, result: SuiteResult, full: SuiteResult | None) -> list[dict[str, Any]]:
+        """Rows worth a table of their own next to the metrics (e.g. per task); none by default."""
+        return []
+
     def parse_options(self, values: dict[str, Any] | None, source: str = "options") -> Any:
         """The options from a mapping: unknown keys, wrong types and values out of range are refused naming the
         option (`source` names where the mapping came from, e.g. ``--set``)."""
@@ -101,9 +106,27 @@ def relative_metrics(result: SuiteResult, full: SuiteResult) -> dict[str, float 
             pairs = [(row["scores"][check], ref["scores"][check]) for row, ref in zip(rows, reference)
                      if check in row["scores"]]
             out[f"{prefix}{check}_where_full_right"] = M.accuracy_where_reference_right(*zip(*pairs))
+            out.update(_paired(f"{prefix}{check}", *zip(*pairs)))
         out[f"{prefix}agreement_with_full"] = M.agreement([row["response"] for row in rows],
                                                           [ref["response"] for ref in reference])
     return out
+
+
+def _paired(name: str, scores, reference_scores) -> dict[str, float]:
+    """`<name>_minus_full` over the same items, its paired-bootstrap 95% interval, and `_real` (1.0 when the
+    interval excludes 0: a difference the items can tell from noise)."""
+    diff = paired_difference(list(scores), list(reference_scores))
+    return {f"{name}_minus_full": diff["difference"], f"{name}_minus_full_ci95_low": diff["low"],
+            f"{name}_minus_full_ci95_high": diff["high"], f"{name}_minus_full_real": float(diff["real"])}
+
+
+def block_differences(result: SuiteResult, full: SuiteResult) -> dict[str, float]:
+    """For suites scored over blocks (`extra.per_block`, the same blocks in both runs): the NLL difference to
+    the full cache, paired over blocks, with its interval."""
+    mine, theirs = result.extra.get("per_block"), full.extra.get("per_block")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return {}
+    return _paired("nll", [row["nll"] for row in mine], [row["nll"] for row in theirs])
 
 
 def kept_where_full_right(suite: "Suite", result: SuiteResult, full: SuiteResult) -> float | None:

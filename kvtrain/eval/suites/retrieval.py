@@ -22,6 +22,7 @@ from kvtrain.eval import metrics as M
 from kvtrain.eval.generation import run_items
 from kvtrain.eval.heldout import check_not_in_training, heldout_paragraphs
 from kvtrain.eval.items import Check, EvalItem
+from kvtrain.eval.ruler_tasks import fit_words
 from kvtrain.eval.suites.base import Suite, SuiteResult
 from kvtrain.typecheck import check_fields, limits
 
@@ -62,16 +63,7 @@ def _fit_words(tokenizer, words: list[str], build, target: int) -> int:
     def count(n: int) -> int:
         return len(tokenizer(build(n), add_special_tokens=False)["input_ids"])
 
-    lo, hi = 0, len(words)
-    if count(0) > target:
-        raise ValueError(f"retrieval: {target} tokens cannot hold even the needle and the cue")
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count(mid) <= target:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return fit_words(count, len(words), target, "retrieval")
 
 
 def _needle_item(tokenizer, kind: str, length: int, depth: float, index: int, seed: int) -> EvalItem:
