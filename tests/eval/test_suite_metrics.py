@@ -47,9 +47,17 @@ def test_relative_metrics_by_hand():
                                             _item("c", "z", answer=1.0)])
     mine = SuiteResult({"accuracy": 2 / 3}, [_item("a", "x", answer=1.0), _item("b", "q", answer=1.0),
                                              _item("c", "w", answer=0.0)])
-    assert relative_metrics(mine, full) == {"answer_where_full_right": 0.5, "agreement_with_full": pytest.approx(1 / 3)}
+    # Paired per-item differences 0, +1, -1: mean 0; a percentile bootstrap of 3 items draws all -1 (or all +1)
+    # with probability 1/27 > 2.5%, so its 95% interval is [-1, 1], which holds 0: not a real difference.
+    assert relative_metrics(mine, full) == {
+        "answer_where_full_right": 0.5, "agreement_with_full": pytest.approx(1 / 3), "answer_minus_full": 0.0,
+        "answer_minus_full_ci95_low": -1.0, "answer_minus_full_ci95_high": 1.0, "answer_minus_full_real": 0.0}
     fixed = SuiteResult({}, [{**_item("a+fair", "x", answer=0.0), "item": "a", "meta": {"fix": "fair"}}])
-    assert relative_metrics(fixed, full) == {"fair_answer_where_full_right": 0.0, "fair_agreement_with_full": 1.0}
+    # One item, difference -1: every resample is -1, the interval [-1, -1] excludes 0.
+    assert relative_metrics(fixed, full) == {
+        "fair_answer_where_full_right": 0.0, "fair_agreement_with_full": 1.0, "fair_answer_minus_full": -1.0,
+        "fair_answer_minus_full_ci95_low": -1.0, "fair_answer_minus_full_ci95_high": -1.0,
+        "fair_answer_minus_full_real": 1.0}
 
 
 def test_quality_ratio_inverts_lower_is_better():
