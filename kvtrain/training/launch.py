@@ -5,9 +5,11 @@ Resume checks live in `kvtrain.training.resume`, model options in `kvtrain.train
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -84,12 +86,19 @@ def check_training_length(training_args: TrainingArguments) -> None:
         raise UserError(f"num_train_epochs={training_args.num_train_epochs} with max_steps=-1: nothing would be trained")
 
 
-def lock_output(output_dir: str | Path, prog: str, argv: list[str] | None) -> OutputLock:
-    """Take `output_dir` for this job (see `OutputLock`), logging a stale lock taken over."""
+@contextlib.contextmanager
+def lock_output(output_dir: str | Path, prog: str, argv: list[str] | None) -> Iterator[OutputLock]:
+    """Take `output_dir` for this job (see `OutputLock`), logging a stale lock taken over. A job stopped by an error
+    inside the block (a bad input found after the folder was taken included) lets go of it; otherwise the lock
+    stays taken until the job's `main` releases it."""
     lock = OutputLock(output_dir, " ".join([prog, *(sys.argv[1:] if argv is None else argv)]))
     for warning in lock.acquire():
         logger.warning(warning)
-    return lock
+    try:
+        yield lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 def check_length_before_loading(model_args: ModelConfig, length: int, field: str, revision: str | None) -> None:

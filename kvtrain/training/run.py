@@ -8,7 +8,6 @@ recipes/<model>/distill/<name>.yaml [--field value ...]`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -147,10 +146,7 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     resume = resolve_resume(distill_args.resume or training_args.resume_from_checkpoint, training_args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    # A job stopped by an error (a bad input found after this point included) lets go of its folder.
-    with contextlib.ExitStack() as on_error:
-        lock = lock_output(training_args.output_dir, "train/distill.py", argv)
-        on_error.callback(lock.release)
+    with lock_output(training_args.output_dir, "train/distill.py", argv) as lock:
         transformers.set_seed(training_args.seed)
         record = run_record(distill_args, kv_config, training_args, model_args, data=texts_fingerprint(texts))
         resume_changes = check_resume(resume, record, distill_args.allow_resume_changes) if resume else []
@@ -200,7 +196,6 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
         check_sharding(trainer, distill_args)
         run = Run(lock, distill_args, kv_args, training_args, model_args, kv_config, trainer, tokenizer, fingerprint,
                   resume, resume_changes, projections)
-        on_error.pop_all()
     return run
 
 

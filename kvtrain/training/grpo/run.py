@@ -8,7 +8,6 @@ recipes/<model>/grpo/<name>.yaml [--field value ...]`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -139,10 +138,7 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
     resume = resolve_resume(task_args.resume or config.resume_from_checkpoint, config.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=config.get_process_log_level())
     transformers.utils.logging.set_verbosity(config.get_process_log_level())
-    # A job stopped by an error (a bad input found after this point included) lets go of its folder.
-    with contextlib.ExitStack() as on_error:
-        lock = lock_output(config.output_dir, "train/grpo.py", argv)
-        on_error.callback(lock.release)
+    with lock_output(config.output_dir, "train/grpo.py", argv) as lock:
         transformers.set_seed(config.seed)
         record = run_record(task_args, kv_config, config, model_args, section="task",
                             data=texts_fingerprint(json.dumps(item.row(task_args.task), sort_keys=True) for item in items))
@@ -172,7 +168,6 @@ def build(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None
             raise UserError("merge_adapter is not supported under DeepSpeed ZeRO-3 (weights are partitioned); save the adapter")
         run = GRPORun(lock, task_args, kv_args, config, model_args, kv_config, trainer, tokenizer, fingerprint, resume,
                       resume_changes)
-        on_error.pop_all()
     return run
 
 
